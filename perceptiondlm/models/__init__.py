@@ -1,0 +1,1 @@
+"""Model definitions: the LLaDA backbone and (later) the PerceptionDLM vision-language model."""

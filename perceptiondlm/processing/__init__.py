@@ -1,0 +1,1 @@
+"""Inputs for the models: tokenizer special tokens, chat template, tiling, masks, processor."""
