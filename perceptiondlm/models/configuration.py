@@ -81,3 +81,88 @@ class LLaDAConfig(PretrainedConfig):
                     f"rope_scaling must be None or have type in {ROPE_SCALING_TYPES} and factor >= 1, "
                     f"got {self.rope_scaling}."
                 )
+
+
+ROI_INFERENCE_SCALE = 1 / 32  # spec §3.4: the reference's generation path scales boxes by 1/32 twice
+ROI_TRAINING_SCALE = 1 / 28  # ... and its training forward by 1/28
+MASK_ACTIVITY_MODES = ("compat", "coverage")
+
+
+class PerceptionDLMConfig(PretrainedConfig):
+    """PerceptionDLM, the parallel region captioner (model_type "pdmllm"); see `PerceptionDLMBaseConfig`
+    for the image-level Base model. Keys are those of the released `config.json`.
+
+    The four `compat`-style flags reproduce behaviours the released weights were trained with (spec §3.4,
+    §3.6). Their defaults are the released behaviour, so a released `config.json` (which lacks them) loads
+    faithfully; models trained here write the corrected values explicitly.
+    """
+
+    model_type: ClassVar[str] = "pdmllm"
+
+    # The LLaDA backbone's config (an `LLaDAConfig` dict) and the full SigLIP(2) config of the vision tower.
+    language_model_config: dict | None = None
+    vision_model_config: dict | None = None
+    # {"projection_type": "mlp2x_gelu"}: Linear -> GELU -> Linear from the pixel-shuffled ViT width to the LM's.
+    vision_abstractor_config: dict | None = None
+    image_token_id: int | None = None  # id of <IMG_CONTEXT>; must agree with the tokenizer
+    image_size: int = 512  # tile side in pixels
+    patch_size: int = 16
+    downsample_ratio: float = 0.5  # pixel shuffle: 2x2 patches -> one token
+    vision_select_layer: int = -2  # ViT features: output of the second-to-last layer, before post-layernorm
+    # Region parts: number of mask-id embeddings (= most regions per sequence) and the RoI token grid side.
+    # The Base model has prompt_numbers None: no mask embedding, no RoI tokens.
+    prompt_numbers: int | None = 6
+    roi_output_size: int | None = 4
+    replacement_noise_mode: bool = False  # a reference training variant that is not supported here
+
+    # -- behaviour flags (spec §3.4 / §3.6) --
+    # RoI merge of the tile features: the reference takes tiles[1:] as if the thumbnail came first, although it
+    # comes last, so crop 0 is dropped and the thumbnail fills the last cell. False = crops in their places.
+    roi_skips_first_tile: bool = True
+    # RoI boxes: the reference maps boxes to feature units and then scales them again inside roi_align
+    # (1/32 at inference, 1/28 in training). False = boxes in feature units, spatial scale 1.
+    roi_double_scaling: bool = True
+    # Which patches a region marks in the ViT: "compat" = the reference's bicubic visual prompt, != 255,
+    # nearest sample at pixel (16r, 16c); "coverage" = patches at least half covered by the mask.
+    mask_activity: str = "compat"
+    # Released models: prompt positions attend to the answer slots (so the prompt's keys change while
+    # decoding). False = the prompt never sees the answers, which makes a prefix KV cache exact.
+    prefix_attends_answers: bool = True
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        kwargs.pop("auto_map", None)
+        super().__post_init__(**kwargs)
+        self.check()
+
+    @property
+    def image_tokens_per_tile(self) -> int:
+        """(image_size / patch_size)^2 * downsample_ratio^2: 256 for 512-px tiles, 16-px patches, ratio 0.5."""
+        return round((self.image_size // self.patch_size) ** 2 * self.downsample_ratio**2)
+
+    @property
+    def has_regions(self) -> bool:
+        return bool(self.prompt_numbers)
+
+    def check(self) -> None:
+        """Every consistency check in one place; raises `PerceptionDLMError` naming the field to fix."""
+        if self.language_model_config is None or self.vision_model_config is None:
+            raise PerceptionDLMError(
+                f"A {self.model_type} config needs language_model_config and vision_model_config."
+            )
+        if self.image_size % self.patch_size:
+            raise PerceptionDLMError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}.")
+        if self.mask_activity not in MASK_ACTIVITY_MODES:
+            raise PerceptionDLMError(f"mask_activity must be one of {MASK_ACTIVITY_MODES}, got {self.mask_activity!r}.")
+        if self.replacement_noise_mode:
+            raise PerceptionDLMError("replacement_noise_mode is a reference training variant that is not supported.")
+        if self.has_regions and not self.roi_output_size:
+            raise PerceptionDLMError("A region model needs roi_output_size (the RoI token grid side, e.g. 4).")
+
+
+class PerceptionDLMBaseConfig(PerceptionDLMConfig):
+    """PerceptionDLM-Base, the image-level model (model_type "dmllm"): the same parts minus the region ones."""
+
+    model_type: ClassVar[str] = "dmllm"
+
+    prompt_numbers: int | None = None
+    roi_output_size: int | None = None

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
@@ -358,3 +358,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
                 )
             hidden = hidden[logits_mask.bool()]  # (N, D)
         return MaskedLMOutput(logits=self.lm_head(hidden), hidden_states=out.hidden_states)
+
+
+AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)
+AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)

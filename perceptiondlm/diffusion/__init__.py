@@ -1,0 +1,1 @@
+"""Masked diffusion: the LLaDA forward (noising) process and its training loss."""
