@@ -13,6 +13,7 @@ from typing import Any
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from perceptiondlm.errors import PerceptionDLMError
+from perceptiondlm.processing.tokens import MASK_TOKEN, caption_slot_token, reserved_token
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -65,3 +66,41 @@ def render_chat(
         add_generation_prompt=add_generation_prompt,
     )
     return rendered[0], [tuple(span) for span in spans[0]]
+
+
+DEFAULT_REGION_QUESTION = "Describe each masked region in detail."
+
+
+def region_messages(
+    num_regions: int,
+    *,
+    question: str = DEFAULT_REGION_QUESTION,
+    captions: list[str] | None = None,
+    gen_length: int | None = None,
+    mask_token: str = MASK_TOKEN,
+) -> list[dict[str, Any]]:
+    """The parallel region-captioning conversation (spec §3.5) for `num_regions` area-sorted regions.
+
+    User turn: the image, then `<|reserved_token_i|>\\n` per region (each later widened to its RoI tokens),
+    then `question`. Assistant turn: `<|Mask_Cap_i|>` + answer for each region, joined by "\\n", where the
+    answer is `captions[i]` (training) or `gen_length` × `mask_token` (inference). With neither, the
+    conversation ends after the user turn (render it with `add_generation_prompt=True`).
+    """
+    if num_regions < 1:
+        raise PerceptionDLMError(f"Region captioning needs at least one region, got {num_regions}.")
+    if captions is not None and gen_length is not None:
+        raise PerceptionDLMError("Give either captions (training) or gen_length (inference), not both.")
+    regions = "".join(reserved_token(i) + "\n" for i in range(num_regions))
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": regions + question}]}
+    if captions is not None:
+        if len(captions) != num_regions:
+            raise PerceptionDLMError(f"{len(captions)} captions for {num_regions} regions; give one per region.")
+        answers = list(captions)
+    elif gen_length is not None:
+        if gen_length < 1:
+            raise PerceptionDLMError(f"gen_length must be at least 1, got {gen_length}.")
+        answers = [mask_token * gen_length] * num_regions
+    else:
+        return [user]
+    answer = "\n".join(caption_slot_token(i) + text for i, text in enumerate(answers))
+    return [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
