@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.utils import ModelOutput
 
 from perceptiondlm.errors import PerceptionDLMError
 from perceptiondlm.models.configuration import LLaDAConfig
@@ -153,6 +154,20 @@ def attention_function(backend: str | None) -> Callable[..., torch.Tensor]:
         ) from None
 
 
+KeyValues = tuple[torch.Tensor, torch.Tensor] | None  # one layer's (keys, values), each (B, Hkv, P, D)
+
+
+@dataclass
+class LLaDAOutput(ModelOutput):
+    """`logits` (B, L, V) or (N, V) for a `logits_mask`; `key_values` per layer when asked for."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
 class LLaDAAttention(nn.Module):
     def __init__(self, config: LLaDAConfig, layer_idx: int) -> None:
         super().__init__()
@@ -166,16 +181,21 @@ class LLaDAAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, past: KeyValues = None):
+        """Returns the output and this call's (k, v); `past` keys/values of earlier positions are attended to
+        before the current ones (the prefix cache of `perceptiondlm.diffusion.cache`)."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        current = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, Hkv, P + L, D)
         attend = attention_function(self.config._attn_implementation)
         dropout = self.config.attention_dropout if self.training else 0.0
         out = attend(q, k, v, mask, self.scale, dropout)  # (B, L, H, D)
-        return self.o_proj(out.reshape(batch, length, -1))
+        return self.o_proj(out.reshape(batch, length, -1)), current
 
 
 class LLaDADecoderLayer(GradientCheckpointingLayer):
@@ -188,38 +208,44 @@ class LLaDADecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = LLaDARMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = LLaDARMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, past: KeyValues = None):
+        attended, current = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), current
 
 
 def prepare_attention_mask(
-    mask: torch.Tensor | None, batch: int, length: int, num_heads: int, backend: str
+    mask: torch.Tensor | None, batch: int, length: int, num_heads: int, backend: str, past_length: int = 0
 ) -> torch.Tensor | None:
     """Checks a user's attention mask and turns it into what the backend's kernel takes.
 
     Accepted: None (every token sees every token); a 2-D key-padding mask (B, L), 1/True = real token; a
     4-D mask broadcastable to (B, H, L, L) that is boolean (True = may attend), integer (1 = may attend) or
     additive float (0 = may attend, a large negative value = blocked, as the reference's region mask).
+    With `past_length` cached positions before the current ones, a 2-D mask covers all past + current keys
+    and a 4-D mask has shape (B, H, length, past_length + length).
     """
+    keys = past_length + length
     if mask is None:
         return None
     if mask.dim() == 2:
-        if tuple(mask.shape) != (batch, length):
+        if tuple(mask.shape) != (batch, keys):
             raise PerceptionDLMError(
-                f"A 2-D attention mask must have shape (batch, length) = ({batch}, {length}), "
+                f"A 2-D attention mask must have shape (batch, length) = ({batch}, {keys}), "
                 f"got {tuple(mask.shape)}."
             )
         keep = mask.bool()
         if bool(keep.all()):
             return None
+        if backend == "flash_attention_2" and past_length:
+            raise PerceptionDLMError("flash_attention_2 takes no padding mask together with cached keys.")
         return keep if backend == "flash_attention_2" else keep[:, None, None, :]  # (B, 1, 1, L)
     if mask.dim() == 4:
         b, h, lq, lk = mask.shape
-        if b not in (1, batch) or h not in (1, num_heads) or (lq, lk) != (length, length):
+        if b not in (1, batch) or h not in (1, num_heads) or (lq, lk) != (length, keys):
             raise PerceptionDLMError(
                 f"A 4-D attention mask must be broadcastable to (batch, heads, length, length) = "
-                f"({batch}, {num_heads}, {length}, {length}), got {tuple(mask.shape)}."
+                f"({batch}, {num_heads}, {length}, {keys}), got {tuple(mask.shape)}."
             )
         if backend == "flash_attention_2":
             raise PerceptionDLMError(
@@ -280,30 +306,38 @@ class LLaDAModel(LLaDAPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> BaseModelOutput:
+        past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        return_key_values: bool = False,
+    ) -> LLaDAOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise PerceptionDLMError("Pass exactly one of input_ids or inputs_embeds.")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, D)
         batch, length, _ = x.shape
+        past_length = past_key_values[0][0].shape[2] if past_key_values else 0
         if position_ids is None:
             # Plain 0..L-1 for every row, as the reference (padding does not shift positions; RoPE is
             # relative, so left padding still gives the same logits at real tokens).
-            position_ids = torch.arange(length, device=x.device).expand(batch, length)
+            position_ids = torch.arange(past_length, past_length + length, device=x.device).expand(batch, length)
         cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype)
         backend = self.config._attn_implementation or "sdpa"
         mask = prepare_attention_mask(
-            attention_mask, batch, length, self.config.num_attention_heads, backend
+            attention_mask, batch, length, self.config.num_attention_heads, backend, past_length
         )
         hidden_states = [x] if output_hidden_states else None
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        key_values = [] if return_key_values else None
+        for i, layer in enumerate(self.layers):
+            x, current = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
             if hidden_states is not None:
                 hidden_states.append(x)
+            if key_values is not None:
+                key_values.append(current)
         x = self.norm(x)
         if hidden_states is not None:
             hidden_states[-1] = x  # the last entry is after the final norm, as in transformers
-        return BaseModelOutput(
-            last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None
+        return LLaDAOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden_states) if hidden_states else None,
+            key_values=key_values,
         )
 
 
@@ -336,11 +370,15 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         logits_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> MaskedLMOutput:
+        past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        return_key_values: bool = False,
+    ) -> LLaDAOutput:
         """Clean logits (B, L, V), or only where `logits_mask` (B, L) is True: (N, V) in row-major order.
 
         Scoring only the positions a caller needs (the still-masked ones while sampling, the noised ones
         while training) skips most of the `lm_head` work, which dominates at a 126k vocabulary.
+        `past_key_values` (per layer, from an earlier call with `return_key_values`) stand for positions
+        before `input_ids`; see `perceptiondlm.diffusion.cache`.
         """
         out = self.model(
             input_ids=input_ids,
@@ -348,6 +386,8 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            past_key_values=past_key_values,
+            return_key_values=return_key_values,
         )
         hidden = out.last_hidden_state  # (B, L, D)
         if logits_mask is not None:
@@ -357,7 +397,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
                     f"got {tuple(logits_mask.shape)}."
                 )
             hidden = hidden[logits_mask.bool()]  # (N, D)
-        return MaskedLMOutput(logits=self.lm_head(hidden), hidden_states=out.hidden_states)
+        return LLaDAOutput(logits=self.lm_head(hidden), hidden_states=out.hidden_states, key_values=out.key_values)
 
 
 AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from perceptiondlm.errors import PerceptionDLMError
+from perceptiondlm.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +28,6 @@ MAX_LISTED_KEYS = 12
 
 
 # --- reading a checkpoint directory --------------------------------------------------------------------
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise PerceptionDLMError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PerceptionDLMError(f"{what} is not valid JSON: {path} ({err})") from err
 
 
 def weight_files(directory: Path) -> list[Path]:

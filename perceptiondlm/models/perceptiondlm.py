@@ -16,6 +16,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from perceptiondlm.diffusion.noise import diffusion_loss, mask_tokens, noise_inputs, sample_noise_levels
 from perceptiondlm.errors import PerceptionDLMError
+from perceptiondlm.io import read_json
 from perceptiondlm.models.configuration import (
     ROI_INFERENCE_SCALE,
     ROI_TRAINING_SCALE,
@@ -24,7 +25,7 @@ from perceptiondlm.models.configuration import (
     PerceptionDLMConfig,
 )
 from perceptiondlm.models.llada import LLaDAModelLM
-from perceptiondlm.models.loading import read_json, verify_checkpoint
+from perceptiondlm.models.loading import verify_checkpoint
 from perceptiondlm.models.regions import merge_tiles, region_attention_mask, roi_tokens
 from perceptiondlm.models.vision import Projector, build_vision_tower, encode_tiles, pixel_shuffle
 from perceptiondlm.processing.tokens import SpecialTokens
@@ -62,6 +63,7 @@ class PerceptionDLM(PreTrainedModel):
         if config.has_regions:
             self.mask_id_embedding = nn.Embedding(config.prompt_numbers, vit_width)
         self.special_tokens = special_tokens
+        self.processor = None  # set by from_pretrained from the checkpoint's processor files
         self.post_init()
 
     # -- loading ------------------------------------------------------------------------------------------
@@ -88,6 +90,10 @@ class PerceptionDLM(PreTrainedModel):
         model = super().from_pretrained(directory, *args, config=config, **kwargs)
         model.special_tokens = SpecialTokens.from_tokenizer(directory)
         model.check_vocabulary()
+        if (directory / "processor_config.json").is_file():
+            from perceptiondlm.processing.processor import PerceptionDLMProcessor
+
+            model.processor = PerceptionDLMProcessor.from_pretrained(directory)
         return model
 
     def check_vocabulary(self) -> None:
@@ -206,6 +212,20 @@ class PerceptionDLM(PreTrainedModel):
         return region_attention_mask(
             input_ids, self.reserved_ids, self.slot_ids, attention_mask, self.config.prefix_attends_answers
         )
+
+    # -- inference (perceptiondlm.inference) -----------------------------------------------------------------
+
+    def caption_regions(self, image, masks, **kwargs):
+        """Captions every region mask of an image in one denoising process; see `inference.caption_regions`."""
+        from perceptiondlm.inference import caption_regions
+
+        return caption_regions(self, image, masks, **kwargs)
+
+    def chat(self, image, question: str, **kwargs):
+        """Answers a question about an image with the block sampler; see `inference.chat`."""
+        from perceptiondlm.inference import chat
+
+        return chat(self, image, question, **kwargs)
 
     # -- forward ------------------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
 from perceptiondlm.errors import PerceptionDLMError
-from perceptiondlm.models.loading import read_json
+from perceptiondlm.io import read_json
+from perceptiondlm.models.configuration import MASK_ACTIVITY_MODES
 from perceptiondlm.processing.masks import DEFAULT_THRESHOLD, load_masks, mask_bbox, patch_activity, sort_by_area
 from perceptiondlm.processing.prompts import CHAT_TEMPLATE, DEFAULT_REGION_QUESTION, region_messages, render_chat
 from perceptiondlm.processing.tiling import normalize_tiles, split_into_tiles, tile_image
@@ -24,14 +25,13 @@ from perceptiondlm.processing.tokens import IMAGE_CONTEXT_TOKEN, IMAGE_END_TOKEN
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
-MASK_ACTIVITY_MODES = ("compat", "coverage")
 _TOKEN_KEYS = {"image_token": IMAGE_CONTEXT_TOKEN, "image_start_token": IMAGE_START_TOKEN,
                "image_end_token": IMAGE_END_TOKEN}
 
 ImageSource = str | Path | Image.Image
 
 
-def _load_image(source: ImageSource, name: str) -> Image.Image:
+def load_image(source: ImageSource, name: str) -> Image.Image:
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     if not isinstance(source, (str, Path)):
@@ -250,7 +250,7 @@ class PerceptionDLMProcessor:
         if captions is not None and len(captions) != k:
             raise PerceptionDLMError(f"sample {b}: {len(captions)} captions for {k} masks; give one per mask")
         try:
-            image = _load_image(image_source, f"image #{b}")
+            image = load_image(image_source, f"image #{b}")
             masks, order = sort_by_area(load_masks(mask_sources, image.size, threshold=self.mask_threshold))
         except PerceptionDLMError as err:
             raise PerceptionDLMError(f"sample {b}: {err}") from err
@@ -314,7 +314,7 @@ class PerceptionDLMProcessor:
     def _chat_sample(self, b: int, image_sources: Any, prompt: Any, training: bool) -> dict[str, Any]:
         sources = [] if image_sources is None else (
             list(image_sources) if isinstance(image_sources, (list, tuple)) else [image_sources])
-        images = [_load_image(src, f"sample {b}, image #{i}") for i, src in enumerate(sources)]
+        images = [load_image(src, f"sample {b}, image #{i}") for i, src in enumerate(sources)]
         if isinstance(prompt, str):
             text = prompt if IMAGE_PLACEHOLDER in prompt else (IMAGE_PLACEHOLDER + "\n") * len(images) + prompt
             prompt = [{"role": "user", "content": text}]

@@ -1,0 +1,38 @@
+"""Small file helpers shared by loading, processing and evaluation: JSON reading with clear errors, and
+atomic writes (temporary file + rename), so an interrupted job never leaves a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from perceptiondlm.errors import PerceptionDLMError
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parsed JSON of `path`; a missing or malformed file raises naming the file and what it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise PerceptionDLMError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PerceptionDLMError(f"{what} is not valid JSON: {path} ({err})") from err
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` through a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out, indent=2, ensure_ascii=False)
+            out.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
