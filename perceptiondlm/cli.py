@@ -44,11 +44,70 @@ def convert(model_path: Path, output_path: Path) -> str:
     return f"Converted checkpoint written to {convert_gsai_checkpoint(model_path, output_path)}"
 
 
-COMMANDS: dict[str, Callable[..., str]] = {"smoke": smoke, "convert": convert}
+def caption(model_path: Path, image: Path, masks: list[Path], prompt: str | None = None, gen_length: int = 32,
+            steps: int = 32, decoding: str = "reference", threshold: float = 0.9, temperature: float = 0.0,
+            top_p: float = 1.0) -> str:
+    """Caption image regions in parallel with PerceptionDLM; captions print in the order the masks are given.
+
+    Args:
+        model_path: directory of a PerceptionDLM checkpoint (config, weights, tokenizer and processor files)
+        image: the image file
+        masks: one binary mask image per region (white = region), same size or aspect ratio as the image
+        prompt: the question (default: the one the model was trained with)
+        gen_length: answer tokens per region
+        steps: denoising steps (reference decoding)
+        decoding: reference (the released sampler) or threshold (faster: commits confident tokens early)
+        threshold: confidence threshold of the threshold decoding
+        temperature: 0 = greedy
+        top_p: nucleus sampling mass when temperature > 0
+    """
+    from perceptiondlm.models.perceptiondlm import PerceptionDLM
+
+    model = PerceptionDLM.from_pretrained(model_path).eval()
+    result = model.caption_regions(image, masks, prompt=prompt, gen_length=gen_length, steps=steps,
+                                   decoding=decoding, threshold=threshold, temperature=temperature, top_p=top_p)
+    lines = [f"[Caption {i}] {text}" for i, text in enumerate(result.captions)]
+    s = result.stats
+    lines.append(f"NFE {s.nfe}, tokens {s.tokens}, TPF {s.tpf:.2f}, time {s.seconds:.2f} s "
+                 f"(vision {s.seconds_vision:.2f}, prefill {s.seconds_prefill:.2f}, denoise {s.seconds_denoise:.2f})")
+    return "\n".join(lines)
+
+
+def chat(model_path: Path, image: Path, prompt: str = "Describe the image in detail.", gen_length: int = 128,
+         block_length: int | None = None, steps: int | None = None, temperature: float = 0.0) -> str:
+    """Ask PerceptionDLM-Base a question about an image (block diffusion decoding).
+
+    Args:
+        model_path: directory of a PerceptionDLM-Base checkpoint
+        image: the image file
+        prompt: the question
+        gen_length: answer tokens
+        block_length: tokens per semi-autoregressive block (default: gen_length)
+        steps: denoising steps (default: gen_length)
+        temperature: 0 = greedy
+    """
+    from perceptiondlm.models.perceptiondlm import PerceptionDLM
+
+    model = PerceptionDLM.from_pretrained(model_path).eval()
+    answer = model.chat(image, prompt, gen_length=gen_length, block_length=block_length, steps=steps,
+                        temperature=temperature)
+    s = answer.stats
+    return f"{answer.text}\nNFE {s.nfe}, TPF {s.tpf:.2f}, time {s.seconds:.2f} s"
+
+
+COMMANDS: dict[str, Callable[..., str]] = {"caption": caption, "chat": chat, "smoke": smoke, "convert": convert}
 
 
 def _argument_help(doc: str) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+): (.+)$", doc.split("Args:", 1)[-1], flags=re.MULTILINE))
+
+
+def _argument_type(annotation: object) -> tuple[type, bool]:
+    """(type of one value, takes several values) from an annotation such as `int`, `int | None`, `list[Path]`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list:
+        return args[0], True
+    return (args[0] if args else annotation), False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         helps, types = _argument_help(doc), typing.get_type_hints(function)
         for param in inspect.signature(function).parameters.values():
             required = param.default is inspect.Parameter.empty
+            kind, many = _argument_type(types[param.name])
             sub.add_argument(
-                "--" + param.name.replace("_", "-"), dest=param.name, type=types[param.name], required=required,
-                default=None if required else param.default,
+                "--" + param.name.replace("_", "-"), dest=param.name, type=kind, required=required,
+                nargs="+" if many else None, default=None if required else param.default,
                 help=helps.get(param.name, "") + ("" if required else f" (default: {param.default})"),
             )
     return parser

@@ -85,6 +85,18 @@ def _decode_answers(
         return logits
 
     mask_id = model.require_special_tokens().mask
+    if kwargs.get("cfg_scale", 0) > 0:
+        # Classifier-free guidance: the same sequence with every prompt position replaced by the mask token.
+        prompt_free = _Batch(**{**batch.__dict__, "embeds": batch.embeds.clone()})
+        prompt_free.embeds[~batch.answer] = embed.weight[mask_id].to(batch.embeds.dtype)
+
+        def unconditional(x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+            prompt_free.embeds[batch.answer] = embed(x[batch.valid]).to(batch.embeds.dtype)
+            where = torch.zeros_like(batch.answer)
+            where[batch.answer] = score[batch.valid]
+            return lm(inputs_embeds=prompt_free.embeds, attention_mask=batch.layout, logits_mask=where).logits
+
+        kwargs["unconditional"] = unconditional
     x = torch.full(batch.valid.shape, mask_id, dtype=torch.long, device=batch.embeds.device)
     x[~batch.valid] = model.require_special_tokens().eot
     with torch.no_grad():
@@ -274,6 +286,7 @@ def chat(
     top_k: int | None = None,
     top_p: float | None = None,
     remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
     cache: bool = False,
     cache_refresh_every: int = 4,
     keep_history: bool = False,
@@ -281,6 +294,8 @@ def chat(
     """Answers a question about an image (or None for text only) with LLaDA's block sampler (spec §4.1).
 
     `block_length` and `steps` default to `gen_length` (one block, one token per step, the reference demo).
+    `cfg_scale` > 0 adds classifier-free guidance against the prompt-free sequence. The prompt is the
+    training chat template (the reference's `chat` used a template without the system turn).
     """
     processor = _require_processor(model)
     special = model.require_special_tokens()
@@ -301,7 +316,7 @@ def chat(
 
     result = _decode_answers(model, batch, block_decode, cache=cache, refresh_every=cache_refresh_every,
                              on_step=record if keep_history else None, steps=steps, block_length=block_length,
-                             sampling=sampling, eot_id=special.eot)
+                             sampling=sampling, eot_id=special.eot, cfg_scale=cfg_scale)
     result.stats.seconds_vision = vision_seconds
     tokens = _cut_at_eot(result.tokens[0].tolist(), special.eot)
     text = processor.tokenizer.decode(tokens, skip_special_tokens=False).strip()

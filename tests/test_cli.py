@@ -32,3 +32,14 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     assert done.stderr.strip().startswith("error: Checkpoint directory not found")
     assert "Traceback" not in done.stderr
     assert main(["smoke", "--model-path", str(FIXTURES / "llada_hf"), "--gen-length", "0"]) == 2
+
+
+def test_caption_command_prints_one_caption_per_mask_in_order(capsys):
+    inputs = FIXTURES / "pdmllm" / "inputs"
+    argv = ["caption", "--model-path", str(FIXTURES / "pdmllm" / "checkpoint"), "--image", str(inputs / "image.png"),
+            "--masks", str(inputs / "mask_a.png"), str(inputs / "mask_c.png"), "--gen-length", "4", "--steps", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] for line in out[:2]] == ["[Caption 0", "[Caption 1"]
+    assert out[2].startswith("NFE 4, tokens 8, TPF 2.00")
+    assert main([*argv[:5], "--masks", str(inputs / "nothing.png")]) == 2

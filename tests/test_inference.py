@@ -135,6 +135,9 @@ def test_base_chat_decodes_block_by_block(tmp_path):
     cached = base.chat(INPUTS / "image.png", "What is in the picture?", gen_length=8, block_length=4, steps=4,
                        cache=True, cache_refresh_every=1)
     assert cached.token_ids == answer.token_ids  # refreshing every step is the uncached computation
+    guided = base.chat(INPUTS / "image.png", "What is in the picture?", gen_length=8, block_length=4, steps=4,
+                       cfg_scale=2.0)
+    assert guided.stats.nfe == 4 and len(guided.token_ids) <= 8
     with pytest.raises(PerceptionDLMError, match="Base"):
         base.caption_regions(INPUTS / "image.png", MASKS)
 

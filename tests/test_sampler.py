@@ -87,10 +87,25 @@ def test_mask_predict_remasks_the_published_counts_and_revises():
     assert torch.equal(result.tokens[0][seen[-1][0][0] == MASK], answers[-1][0][seen[-1][0][0] == MASK])
 
 
-def test_mask_predict_nfe_is_below_steps_when_the_answer_is_short():
+def test_more_steps_than_tokens_is_refused():
     forward, _ = scripted([favouring(torch.full((1, 16), 5), torch.ones(1, 16))] * 32)
-    result = mask_predict_decode(forward, torch.full((1, 16), MASK), MASK, steps=32, sampling=Sampling())
-    assert result.stats.nfe == 31  # spec §4.2: N=16, steps=32
+    with pytest.raises(PerceptionDLMError, match="steps"):
+        mask_predict_decode(forward, torch.full((1, 16), MASK), MASK, steps=32, sampling=Sampling())
+    with pytest.raises(PerceptionDLMError, match="exceeds"):
+        block_decode(forward, torch.full((1, 16), MASK), MASK, steps=32, block_length=16, sampling=Sampling())
+
+
+def test_classifier_free_guidance_extrapolates_away_from_the_unconditional():
+    cond = favouring(torch.full((1, 4), 3), torch.full((1, 4), 2.0))
+    cond[..., 4] = 1.9  # token 4 nearly as likely as 3 ...
+    uncond = favouring(torch.full((1, 4), 3), torch.full((1, 4), 2.0))  # ... but 3 is what the prompt-free model says
+    forward, _ = scripted([cond] * 4)
+    unconditional, calls = scripted([uncond] * 4)
+    plain = block_decode(scripted([cond] * 4)[0], torch.full((1, 4), MASK), MASK, steps=4, block_length=4,
+                         sampling=Sampling())
+    guided = block_decode(forward, torch.full((1, 4), MASK), MASK, steps=4, block_length=4, sampling=Sampling(),
+                          cfg_scale=1.0, unconditional=unconditional)
+    assert torch.all(plain.tokens == 3) and torch.all(guided.tokens == 4) and len(calls) == 4
 
 
 def test_golden_region_sampler_replay():

@@ -210,6 +210,8 @@ def block_decode(
     block_length: int,
     sampling: Sampling,
     eot_id: int | None = None,
+    cfg_scale: float = 0.0,
+    unconditional: ForwardFn | None = None,
     on_step: StepCallback | None = None,
     keep_history: bool = False,
 ) -> SamplerResult:
@@ -219,11 +221,17 @@ def block_decode(
         steps: total denoising steps, split evenly over the N / block_length blocks (both must divide).
         block_length: tokens per block; block b is decoded in steps/num_blocks steps, k_s tokens per step
             (`transfer_schedule`), choosing the most confident masked positions of the block.
+        cfg_scale: classifier-free guidance w (paper §B.3): logits = u + (w + 1)(c − u), with u from
+            `unconditional`, the same forward with the prompt masked out. One extra forward per step.
 
     Only still-masked positions of the current block are scored: the others cannot be chosen, so this
     changes no result. Exact reference behaviour at temperature 0 (spec §4.1).
     """
     length = x.shape[1]
+    if steps > length:
+        raise PerceptionDLMError(f"steps {steps} exceeds the {length} tokens to generate; use steps <= gen_length.")
+    if cfg_scale > 0 and unconditional is None:
+        raise PerceptionDLMError("cfg_scale > 0 needs an unconditional forward.")
     if block_length < 1 or length % block_length:
         raise PerceptionDLMError(f"gen_length {length} is not divisible by block_length {block_length}.")
     num_blocks = length // block_length
@@ -240,7 +248,11 @@ def block_decode(
             masked = (x == mask_id) & in_block
             if not masked.any():
                 break
-            chosen, confidence = sampling.draw(loop.logits(x, masked))
+            logits = loop.logits(x, masked)
+            if cfg_scale > 0:
+                uncond = unconditional(x, masked).float()
+                logits = uncond + (cfg_scale + 1) * (logits - uncond)
+            chosen, confidence = sampling.draw(logits)
             confidence = _scatter(confidence, masked, float("-inf"), torch.float64)  # (B, N)
             commit = _top_per_row(confidence, schedule[:, s])
             x[commit] = _scatter(chosen, masked, mask_id, x.dtype)[commit]
@@ -279,10 +291,10 @@ def mask_predict_decode(
     """
     valid = torch.ones_like(x, dtype=torch.bool) if valid is None else valid
     counts = valid.sum(-1)  # (B,) answer tokens N per row
-    if steps < 1:
-        raise PerceptionDLMError(f"steps must be >= 1, got {steps}.")
     if not valid.any():
         raise PerceptionDLMError("There is no masked answer position to decode.")
+    if not 1 <= steps <= int(counts.min()):
+        raise PerceptionDLMError(f"steps must be in 1..{int(counts.min())} (the answer tokens), got {steps}.")
     loop, x = _Loop(forward, x, on_step, keep_history), x.clone()
     masked = valid & (x == mask_id)
     for s in range(steps):
