@@ -113,6 +113,7 @@ def _argument_type(annotation: object) -> tuple[type, bool]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perceptiondlm", description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
+    subparsers.add_parser("train", help="Train a stage from a YAML config (see `perceptiondlm train --help`).")
     for name, function in COMMANDS.items():
         doc = inspect.getdoc(function) or ""
         sub = subparsers.add_parser(name, help=doc.split("\n")[0], description=doc.split("\n")[0])
@@ -129,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # training takes free-form --SECTION.key overrides: its own parser
+        from perceptiondlm.training.train import main as train_main
+
+        return train_main(argv[1:])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = vars(build_parser().parse_args(argv))
     function = COMMANDS[args.pop("command")]

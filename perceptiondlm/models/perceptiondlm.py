@@ -96,6 +96,13 @@ class PerceptionDLM(PreTrainedModel):
             model.processor = PerceptionDLMProcessor.from_pretrained(directory)
         return model
 
+    def save_pretrained(self, *args, **kwargs) -> None:
+        """Writes config.json and the weights in the released key layout. transformers would otherwise apply
+        its SigLIP key conversions in reverse (under ZeRO-3 that adds a `vision_model.` level); our keys already
+        are the released ones, so nothing is renamed."""
+        kwargs["save_original_format"] = False
+        super().save_pretrained(*args, **kwargs)
+
     def check_vocabulary(self) -> None:
         """The ids the model relies on must exist in the tokenizer and fit in the embedding."""
         special = self.require_special_tokens()

@@ -116,9 +116,10 @@ class PerceptionDLMProcessor:
     # --- files -----------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> PerceptionDLMProcessor:
+    def from_pretrained(cls, directory: str | Path, tokenizer: Any = None, **overrides: Any) -> PerceptionDLMProcessor:
         """Reads tokenizer*.json, processor_config.json, preprocessor_config.json and config.json (local only);
-        `overrides` replace constructor arguments (e.g. mask_activity="coverage")."""
+        `overrides` replace constructor arguments (e.g. mask_activity="coverage"); a given `tokenizer` (e.g. one
+        with added tokens) replaces the directory's."""
         directory = Path(directory)
         processor = read_json(directory / "processor_config.json", "processor_config.json")
         preprocessor = read_json(directory / "preprocessor_config.json", "preprocessor_config.json")
@@ -141,7 +142,8 @@ class PerceptionDLMProcessor:
             min_sub_img=processor.get("min_sub_img", 1), max_sub_img=processor.get("max_sub_img", 6),
             prompt_numbers=model.get("prompt_numbers"), roi_output_size=model.get("roi_output_size"),
             mask_activity=model.get("mask_activity", "compat"))
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
+        if tokenizer is None:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
         out = cls(tokenizer, **{**kwargs, **overrides})
         if model.get("num_image_token", out.num_image_tokens) != out.num_image_tokens:
             raise PerceptionDLMError(f"config.json num_image_token {model['num_image_token']} != the derived "
