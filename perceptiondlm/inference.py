@@ -134,6 +134,10 @@ def _answer_batch(model: Any, inputs: Any) -> tuple[_Batch, float]:
     slots = torch.zeros(valid.shape, dtype=torch.long, device=device)
     slots[valid] = slots_full[answer]
     layout = model.attention_layout(input_ids, tensors["attention_mask"])
+    if layout is not None and layout.dim() == 4:
+        # Additive once per call: SDPA would otherwise convert the boolean mask in every layer of every step.
+        blocked = torch.zeros(layout.shape, dtype=embeds.dtype, device=device)
+        layout = blocked.masked_fill_(~layout, torch.finfo(embeds.dtype).min)
     return _Batch(embeds, layout, answer, valid, slots, prefix), vision_seconds
 
 
@@ -291,7 +295,8 @@ def chat(
     cache_refresh_every: int = 4,
     keep_history: bool = False,
 ) -> ChatAnswer:
-    """Answers a question about an image (or None for text only) with LLaDA's block sampler (spec §4.1).
+    """Answers a question about an image, a list of images (each placed where the question has `<image>`, else
+    first) or None (text only) with LLaDA's block sampler (spec §4.1).
 
     `block_length` and `steps` default to `gen_length` (one block, one token per step, the reference demo).
     `cfg_scale` > 0 adds classifier-free guidance against the prompt-free sequence. The prompt is the
@@ -300,7 +305,8 @@ def chat(
     processor = _require_processor(model)
     special = model.require_special_tokens()
     block_length, steps = block_length or gen_length, steps or gen_length
-    inputs = processor.chat_inputs([[image] if image is not None else []], [question])
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    inputs = processor.chat_inputs([images], [question])
     answer = torch.full((1, gen_length), special.mask, dtype=torch.long)
     inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)
     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], dim=1)

@@ -138,6 +138,9 @@ def test_base_chat_decodes_block_by_block(tmp_path):
     guided = base.chat(INPUTS / "image.png", "What is in the picture?", gen_length=8, block_length=4, steps=4,
                        cfg_scale=2.0)
     assert guided.stats.nfe == 4 and len(guided.token_ids) <= 8
+    two = base.chat([INPUTS / "image.png", INPUTS / "image.png"], "Compare <image> with <image>.", gen_length=4)
+    text_only = base.chat(None, "Hello?", gen_length=4)
+    assert two.stats.nfe == 4 and text_only.stats.nfe == 4
     with pytest.raises(PerceptionDLMError, match="Base"):
         base.caption_regions(INPUTS / "image.png", MASKS)
 

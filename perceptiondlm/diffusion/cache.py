@@ -33,6 +33,12 @@ class PrefixCache:
         self.prefix_length = prefix_length
         self.refresh_every = refresh_every  # None: build once (exact when the prompt cannot see the answers)
         self.key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # The rows of the answer part, made contiguous once rather than sliced in every cached step.
+        self.suffix_mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            self.suffix_mask = attention_mask[:, :, prefix_length:].contiguous()
+        elif attention_mask is not None:
+            self.suffix_mask = attention_mask
         self.calls = 0
         self.full_forwards = 0
 
@@ -41,20 +47,18 @@ class PrefixCache:
 
     def logits(self, embeds: torch.Tensor, logits_mask: torch.Tensor) -> torch.Tensor:
         p = self.prefix_length
-        mask = self.attention_mask
         if self._refresh_due():
             out = self.language_model(
-                inputs_embeds=embeds, attention_mask=mask, logits_mask=logits_mask, return_key_values=True
+                inputs_embeds=embeds, attention_mask=self.attention_mask, logits_mask=logits_mask,
+                return_key_values=True,
             )
             self.key_values = [(k[:, :, :p], v[:, :, :p]) for k, v in out.key_values]
             self.full_forwards += 1
         else:
             if bool(logits_mask[:, :p].any()):
                 raise ValueError("the prefix cache cannot score positions inside the cached prefix")
-            if mask is not None:
-                mask = mask[:, :, p:] if mask.dim() == 4 else mask
             out = self.language_model(
-                inputs_embeds=embeds[:, p:], attention_mask=mask, logits_mask=logits_mask[:, p:],
+                inputs_embeds=embeds[:, p:], attention_mask=self.suffix_mask, logits_mask=logits_mask[:, p:],
                 past_key_values=self.key_values,
             )
         self.calls += 1

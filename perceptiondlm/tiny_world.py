@@ -1,0 +1,116 @@
+"""The tiny world, end to end: synthetic data, a tiny tokenizer, randomly initialised "pretrained" LLaDA and
+SigLIP checkpoints in the released layouts, the five training stages of `configs/tiny/` and the evaluation on
+the synthetic benchmark. `scripts/build_tiny_model.sh` runs `build`; the result is the embedded default model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import SiglipConfig, SiglipModel
+
+from perceptiondlm.data.synthetic import (
+    tiny_world_texts,
+    write_benchmark_split,
+    write_conversation_split,
+    write_region_split,
+)
+from perceptiondlm.data.tiny_tokenizer import train_tiny_tokenizer
+from perceptiondlm.io import write_json_atomic
+from perceptiondlm.models.configuration import LLaDAConfig
+from perceptiondlm.models.llada import LLaDAModelLM
+
+logger = logging.getLogger(__name__)
+
+# Sizes of the tiny backbones (the real ones: LLaDA-8B, SigLIP2 so400m). Chosen to train on 2 CPU cores in minutes.
+TINY_LLADA = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5)
+TINY_SIGLIP_VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=64, patch_size=8)
+TINY_SIGLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        vocab_size=64, max_position_embeddings=16)
+# Data split sizes and seeds: training and benchmark images never share a seed.
+SPLITS = {"regions": (6000, 11), "conversations": (3000, 12), "benchmark": (120, 13)}
+STAGES = ("s1", "s2", "s3", "s4", "region")
+
+
+def write_data(root: Path, sizes: dict[str, tuple[int, int]] = SPLITS) -> dict[str, Path]:
+    """Region records, image-level conversations, the benchmark split and the tokenizer under `root`."""
+    paths = {
+        "regions": write_region_split(root / "regions", *sizes["regions"]),
+        "conversations": write_conversation_split(root / "conversations", *sizes["conversations"]),
+        "benchmark": write_benchmark_split(root / "benchmark", *sizes["benchmark"]),
+    }
+    texts = tiny_world_texts(2000, seed=sizes["regions"][1])
+    train_tiny_tokenizer(texts, root / "tokenizer")
+    paths["tokenizer"] = root / "tokenizer"
+    return paths
+
+
+def write_initial_checkpoints(root: Path, tokenizer_dir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Random tiny LLaDA (HF layout, with the tokenizer) and SigLIP (full SiglipModel) checkpoints: the tiny
+    world's stand-ins for `MSALab/LLaDA-8B-Instruct-HF` and `google/siglip2-so400m-patch16-512`."""
+    torch.manual_seed(seed)
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    added = json.loads((tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]
+    vocab = max([vocab, *(t["id"] + 1 for t in added)])
+    llada_dir, siglip_dir = root / "llada", root / "siglip"
+    LLaDAModelLM(LLaDAConfig(vocab_size=vocab, **TINY_LLADA)).save_pretrained(llada_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_dir / name, llada_dir / name)
+    SiglipModel(SiglipConfig(text_config=TINY_SIGLIP_TEXT, vision_config=TINY_SIGLIP_VISION)).save_pretrained(siglip_dir)
+    return llada_dir, siglip_dir
+
+
+def train_stages(configs: Path, stages: tuple[str, ...] = STAGES, overrides: dict[str, list[str]] | None = None
+                 ) -> dict[str, float]:
+    """Runs the stages' configs in order; returns the wall time of each, in seconds."""
+    from perceptiondlm.training.config import load_config
+    from perceptiondlm.training.trainer import run_training
+
+    seconds = {}
+    for stage in stages:
+        start = time.perf_counter()
+        run_training(load_config(configs / f"{stage}.yaml", (overrides or {}).get(stage, [])))
+        seconds[stage] = time.perf_counter() - start
+        logger.info("stage %s trained in %.0f s", stage, seconds[stage])
+    return seconds
+
+
+def evaluate(model_dir: Path, bench_dir: Path, output: Path, **decoding: Any) -> dict[str, Any]:
+    """The synthetic benchmark: caption every region, answer its questions with the rule judge, score."""
+    from perceptiondlm.evaluation.synthetic import run_synthetic_bench
+
+    return run_synthetic_bench(model_dir, bench_dir, output, **decoding)
+
+
+def build(work: Path = Path("work_dirs/tiny"), configs: Path = Path("configs/tiny"),
+          export: Path | None = None) -> dict[str, Any]:
+    """Everything: data -> initial checkpoints -> five stages -> evaluation -> export (if `export` is given)."""
+    start = time.perf_counter()
+    paths = write_data(work / "data")
+    write_initial_checkpoints(work / "init", paths["tokenizer"])
+    seconds = train_stages(configs)
+    report = evaluate(work / "region", paths["benchmark"], work / "eval")
+    report["train_seconds"] = seconds
+    report["total_seconds"] = time.perf_counter() - start
+    if export is not None:
+        export_model(work / "region", export)
+        write_json_atomic(export / "build_report.json", report)
+    return report
+
+
+def export_model(source: Path, target: Path) -> None:
+    """Copies the loadable files of a trained checkpoint (no optimizer states, no intermediate checkpoints)."""
+    keep = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "chat_template.json", "processor_config.json", "preprocessor_config.json", "training_config.yaml"}
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.name in keep:
+            shutil.copy(path, target / path.name)
