@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from transformers import SiglipConfig, SiglipModel
 
 from perceptiondlm.data.synthetic import (
+    ATTRIBUTES,
+    VALUES,
     tiny_world_texts,
     write_benchmark_split,
     write_conversation_split,
@@ -64,8 +68,53 @@ def write_initial_checkpoints(root: Path, tokenizer_dir: Path, seed: int = 0) ->
     LLaDAModelLM(LLaDAConfig(vocab_size=vocab, **TINY_LLADA)).save_pretrained(llada_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tokenizer_dir / name, llada_dir / name)
-    SiglipModel(SiglipConfig(text_config=TINY_SIGLIP_TEXT, vision_config=TINY_SIGLIP_VISION)).save_pretrained(siglip_dir)
+    siglip = SiglipModel(SiglipConfig(text_config=TINY_SIGLIP_TEXT, vision_config=TINY_SIGLIP_VISION))
+    siglip.save_pretrained(siglip_dir)
     return llada_dir, siglip_dir
+
+
+def patch_labels(scene: Any, patch: int) -> torch.Tensor:
+    """Per patch (row-major), the index of each attribute's value of the object covering the patch centre, or
+    the extra class "background": (N, A) long, A = len(ATTRIBUTES) + 1 (the last one: which grid cell)."""
+    size = scene.image.shape[0]
+    centres = torch.arange(patch // 2, size, patch)
+    labels = []
+    for y in centres.tolist():
+        for x in centres.tolist():
+            owner = next((o for o, m in zip(scene.objects, scene.masks, strict=True) if m[y, x]), None)
+            row = [VALUES[a].index(getattr(owner, a)) if owner else len(VALUES[a]) for a in ATTRIBUTES]
+            labels.append(row)
+    return torch.tensor(labels)
+
+
+def pretrain_vision_tower(siglip_dir: Path, steps: int = 400, batch: int = 32, seed: int = 0) -> None:
+    """Stands in for SigLIP2's pretraining: trains the tiny vision tower to tell, from the features of the layer
+    the VLM reads (`vision_select_layer` -2), the colour, shape, size, texture and grid cell of the object under
+    each patch. Without it a random tower's patch features differ by a few percent and the VLM cannot ground
+    regions in minutes. The linear heads are thrown away; the SigLIP checkpoint is rewritten in place."""
+    from perceptiondlm.data.synthetic import make_scene
+    from perceptiondlm.models.vision import encode_tiles
+    from perceptiondlm.processing.tiling import normalize_tiles
+
+    torch.manual_seed(seed)
+    siglip = SiglipModel.from_pretrained(siglip_dir)
+    tower, patch = siglip.vision_model, TINY_SIGLIP_VISION["patch_size"]
+    heads = torch.nn.ModuleList(torch.nn.Linear(TINY_SIGLIP_VISION["hidden_size"], len(VALUES[a]) + 1)
+                                for a in ATTRIBUTES)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=2e-3)
+    for step in range(steps):
+        scenes = [make_scene(seed + 7919, step * batch + i) for i in range(batch)]
+        pixels = normalize_tiles([Image.fromarray(s.image) for s in scenes])  # (B, 3, S, S)
+        labels = torch.stack([patch_labels(s, patch) for s in scenes])  # (B, N, A)
+        features = encode_tiles(tower, pixels, None, -2)  # (B, N, D)
+        loss = sum(F.cross_entropy(head(features).flatten(0, 1), labels[..., a].flatten())
+                   for a, head in enumerate(heads))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            logger.info("vision pretraining step %d: loss %.3f", step, loss.item())
+    siglip.save_pretrained(siglip_dir)
 
 
 def train_stages(configs: Path, stages: tuple[str, ...] = STAGES, overrides: dict[str, list[str]] | None = None
@@ -92,17 +141,27 @@ def evaluate(model_dir: Path, bench_dir: Path, output: Path, **decoding: Any) ->
 
 def build(work: Path = Path("work_dirs/tiny"), configs: Path = Path("configs/tiny"),
           export: Path | None = None) -> dict[str, Any]:
-    """Everything: data -> initial checkpoints -> five stages -> evaluation -> export (if `export` is given)."""
+    """Everything: data -> initial checkpoints (+ vision pretraining) -> s1..s4 -> both region variants ->
+    evaluation on the held-out benchmark -> export of the chosen region model and of the Base model."""
     start = time.perf_counter()
     paths = write_data(work / "data")
-    write_initial_checkpoints(work / "init", paths["tokenizer"])
-    seconds = train_stages(configs)
-    report = evaluate(work / "region", paths["benchmark"], work / "eval")
-    report["train_seconds"] = seconds
+    _, siglip_dir = write_initial_checkpoints(work / "init", paths["tokenizer"])
+    pretrain_start = time.perf_counter()
+    pretrain_vision_tower(siglip_dir)
+    seconds = {"vision_pretraining": time.perf_counter() - pretrain_start}
+    seconds.update(train_stages(configs, (*STAGES, "region_open")))
+    report: dict[str, Any] = {"train_seconds": seconds}
+    for variant in ("region", "region_open"):
+        report[variant] = {
+            decoding: evaluate(work / variant, paths["benchmark"], work / "eval" / variant, decoding=decoding)
+            for decoding in ("reference", "threshold")
+        }
     report["total_seconds"] = time.perf_counter() - start
+    write_json_atomic(work / "build_report.json", report)
     if export is not None:
-        export_model(work / "region", export)
-        write_json_atomic(export / "build_report.json", report)
+        export_model(work / "region", export / "tiny-perceptiondlm")
+        export_model(work / "s4", export / "tiny-perceptiondlm-base")
+        write_json_atomic(export / "tiny-perceptiondlm" / "build_report.json", report)
     return report
 
 
@@ -114,3 +173,14 @@ def export_model(source: Path, target: Path) -> None:
     for path in source.iterdir():
         if path.name in keep:
             shutil.copy(path, target / path.name)
+
+
+def main() -> None:
+    """`python -m perceptiondlm.tiny_world`: the whole build, exported to perceptiondlm/assets/."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    report = build(export=Path(__file__).parent / "assets")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
