@@ -54,7 +54,8 @@ def run_variant(masked_only: bool, batch: int, length: int, answer: int, steps: 
         if step:
             times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"seconds_per_step": statistics.median(times), "tokens_per_second": batch * length / statistics.median(times),
+    median = statistics.median(times)
+    queue.put({"seconds_per_step": median, "tokens_per_second": batch * length / median,
                "peak_rss_mb": peak_mb, "rss_before_steps_mb": base_rss / 1024})
 
 
