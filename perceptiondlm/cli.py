@@ -95,7 +95,27 @@ def chat(model_path: Path, image: Path, prompt: str = "Describe the image in det
     return f"{answer.text}\nNFE {s.nfe}, TPF {s.tpf:.2f}, time {s.seconds:.2f} s"
 
 
-COMMANDS: dict[str, Callable[..., str]] = {"caption": caption, "chat": chat, "smoke": smoke, "convert": convert}
+def demo(model_path: Path | None = None, server_name: str = "127.0.0.1", server_port: int = 7860,
+         max_tokens: int = 512, play_delay: float = 0.25) -> str:
+    """Start the web demo: draw or upload region masks and watch every caption denoise in parallel.
+
+    Args:
+        model_path: a PerceptionDLM checkpoint (default: the embedded tiny model)
+        server_name: address to listen on (127.0.0.1 = this machine only)
+        server_port: port to listen on
+        max_tokens: most answer tokens per run (gen length x regions)
+        play_delay: seconds between frames of the replay
+    """
+    from perceptiondlm.demo import serve
+
+    serve(model_path, server_name=server_name, server_port=server_port, max_tokens=max_tokens,
+          play_delay=play_delay)
+    return "Demo stopped."
+
+
+COMMANDS: dict[str, Callable[..., str]] = {
+    "caption": caption, "chat": chat, "demo": demo, "smoke": smoke, "convert": convert,
+}
 
 
 def _argument_help(doc: str) -> dict[str, str]:

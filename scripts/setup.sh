@@ -15,3 +15,8 @@ spec="."
 [[ -n ${1:-} ]] && spec=".[$1]"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e "$spec" \
   2> >(grep -v "^WARNING: Location" >&2)
+# The development set-up also needs a browser for the web demo's end-to-end tests (Debian's chromium; Playwright
+# drives the system executable and never downloads one).
+if [[ ,${1:-}, == *,dev,* ]]; then
+  bash scripts/install_browser.sh
+fi
