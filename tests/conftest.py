@@ -40,3 +40,22 @@ def tiny_llada(attn_implementation: str = "sdpa", **overrides):
             else:
                 param.normal_(0.0, 0.2)
     return model.eval()
+
+
+def write_base_checkpoint(directory: Path) -> Path:
+    """The golden region checkpoint turned into a PerceptionDLM-Base (dmllm) one: no region parts."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = FIXTURES / "pdmllm" / "checkpoint"
+    shutil.copytree(checkpoint, directory)
+    config = json.loads((checkpoint / "config.json").read_text())
+    for key in ("prompt_numbers", "roi_output_size"):
+        config.pop(key)
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "dmllm"}))
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    weights.pop("mask_id_embedding.weight")
+    save_file(weights, str(directory / "model.safetensors"))
+    return directory

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, write_base_checkpoint
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from perceptiondlm import PerceptionDLM, PerceptionDLMError
 from perceptiondlm.evaluation import judges, regionbench, scoring, vlmevalkit
@@ -487,15 +485,7 @@ def test_vlmevalkit_class_and_registration_with_a_fake_vlmeval(monkeypatch):
 
 
 def test_vlmevalkit_adapter_runs_a_real_tiny_base_model(tmp_path):
-    directory = tmp_path / "base"
-    shutil.copytree(CHECKPOINT, directory)
-    config = json.loads((CHECKPOINT / "config.json").read_text())
-    for key in ("prompt_numbers", "roi_output_size"):
-        config.pop(key)
-    (directory / "config.json").write_text(json.dumps({**config, "model_type": "dmllm"}))
-    weights = load_file(str(CHECKPOINT / "model.safetensors"))
-    weights.pop("mask_id_embedding.weight")
-    save_file(weights, str(directory / "model.safetensors"))
+    directory = write_base_checkpoint(tmp_path / "base")
     chat = vlmevalkit.PerceptionDLMBaseChat(model_path=directory, device="cpu")
     image = FIXTURES / "pdmllm" / "inputs" / "image.png"
     answer = chat.generate_inner([{"type": "text", "value": "What is it?"}, {"type": "image", "value": str(image)}],

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, write_base_checkpoint
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from perceptiondlm import PerceptionDLM, PerceptionDLMError
 
@@ -113,17 +113,7 @@ def test_batch_of_two_equals_two_batches_of_one_at_the_model_level(model):
 
 
 def base_checkpoint(tmp_path):
-    """The golden checkpoint turned into a Base (dmllm) model: no region parts."""
-    directory = tmp_path / "base"
-    shutil.copytree(CHECKPOINT, directory)
-    config = json.loads((CHECKPOINT / "config.json").read_text())
-    for key in ("prompt_numbers", "roi_output_size"):
-        config.pop(key)
-    (directory / "config.json").write_text(json.dumps({**config, "model_type": "dmllm"}))
-    weights = load_file(str(CHECKPOINT / "model.safetensors"))
-    weights.pop("mask_id_embedding.weight")
-    save_file(weights, str(directory / "model.safetensors"))
-    return PerceptionDLM.from_pretrained(directory).eval()
+    return PerceptionDLM.from_pretrained(write_base_checkpoint(tmp_path / "base")).eval()
 
 
 def test_base_chat_decodes_block_by_block(tmp_path):

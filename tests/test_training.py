@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES
-from safetensors.torch import load_file, save_file
+from conftest import FIXTURES, write_base_checkpoint
+from safetensors.torch import load_file
 from transformers import SiglipConfig, SiglipModel
 
 from perceptiondlm import PerceptionDLM
@@ -150,15 +149,8 @@ def test_stage_one_loads_the_llada_and_siglip_weights(tmp_path):
 
 
 def test_region_stage_starts_from_a_base_checkpoint(tmp_path, region_data):
-    base = tmp_path / "base"
-    shutil.copytree(CHECKPOINT, base)
-    config = json.loads((CHECKPOINT / "config.json").read_text())
-    for key in ("prompt_numbers", "roi_output_size"):
-        config.pop(key)
-    (base / "config.json").write_text(json.dumps({**config, "model_type": "dmllm"}))
+    base = write_base_checkpoint(tmp_path / "base")
     weights = load_file(str(CHECKPOINT / "model.safetensors"))
-    weights.pop("mask_id_embedding.weight")
-    save_file(weights, str(base / "model.safetensors"))
     yaml_path = write_config(tmp_path / "c.yaml", tmp_path / "out", region_data,
                              model="  roi_double_scaling: false\n  mask_activity: coverage")
     text = yaml_path.read_text().replace(str(CHECKPOINT), str(base))

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 import re
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from perceptiondlm.errors import PerceptionDLMError
-from perceptiondlm.io import write_json_atomic
+from perceptiondlm.io import write_bytes_atomic, write_json_atomic
 from perceptiondlm.processing.prompts import DEFAULT_REGION_QUESTION, DEFAULT_SYSTEM_PROMPT
 
 # 64 x 64 is one 64-px tile (8 x 8 patches of 8 px) or a 2 x 2 grid of 32-px tiles plus thumbnail.
@@ -326,21 +324,9 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_data_config(path: Path, name: str, data_file: str, data_type: str, num_samples: int) -> None:
     config = {name: {"data_file": data_file, "data_type": data_type, "num_samples": num_samples}}
-    _write_bytes_atomic(path, yaml.safe_dump(config, sort_keys=False).encode())
+    write_bytes_atomic(path, yaml.safe_dump(config, sort_keys=False).encode())
 
 
 def _check_count(n_images: int) -> None:
@@ -358,7 +344,7 @@ def write_region_split(root: str | Path, n_images: int, seed: int) -> Path:
     for i in range(n_images):
         scene = make_scene(seed, i)
         relative = f"images/{i:06d}.png"
-        _write_bytes_atomic(root / relative, png_bytes(scene.image))
+        write_bytes_atomic(root / relative, png_bytes(scene.image))
         records.append({"image": relative, "mask_rles": [mask_to_rle(m) for m in scene.masks],
                         "captions": [object_caption(o) for o in scene.objects]})
     write_json_atomic(root / "regions.json", records)
@@ -388,7 +374,7 @@ def write_conversation_split(root: str | Path, n_images: int, seed: int, qa_turn
     buffer = io.BytesIO()
     pq.write_table(table, buffer, row_group_size=256)
     folder = root / "conversations"
-    _write_bytes_atomic(folder / "part-00000.parquet", buffer.getvalue())
+    write_bytes_atomic(folder / "part-00000.parquet", buffer.getvalue())
     _write_data_config(root / "conversations_datasets.yaml", "tiny_conversations", "conversations", "parquet",
                        len(conversations))
     return folder
@@ -444,7 +430,7 @@ def write_benchmark_split(root: str | Path, n_images: int, seed: int) -> Path:
         scene = make_scene(seed, i)
         image_id = str(seed * 100_000 + i)
         file_name = f"{image_id}.png"
-        _write_bytes_atomic(root / "images" / file_name, png_bytes(scene.image))
+        write_bytes_atomic(root / "images" / file_name, png_bytes(scene.image))
         rng = np.random.default_rng([seed, i, 2])
         regions = []
         for index, (obj, mask) in enumerate(zip(scene.objects, scene.masks, strict=True)):
