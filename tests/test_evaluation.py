@@ -502,3 +502,18 @@ def test_judges_module_exports():
     # w = h = 56, x0 = int(210 - 28) = 182, y0 = int(105 - 28) = 77: cols 126..294, rows 21..189
     assert crop.size == (168, 168) and crop_mask.size == (168, 168)
     assert np.asarray(crop_mask).max() == 255
+
+
+def test_paradlc_inference_script(tmp_path):
+    records = load_annotations(SAMPLE / "annotations.json")[:1]
+    make_images(records, tmp_path / "images")
+    output = tmp_path / "captions.json"
+    script = Path(__file__).resolve().parents[1] / "evaluation" / "ParaDLC-Bench" / "infer.py"
+    command = [sys.executable, str(script), "--model-path", str(CHECKPOINT), "--anno-json",
+               str(SAMPLE / "annotations.json"), "--image-root", str(tmp_path / "images"), "--output", str(output),
+               "--gen-length", "4", "--steps", "4", "--dtype", "float32", "--qa-json", str(SAMPLE / "qa.json")]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    captions = json.loads(output.read_text())
+    assert sorted(captions) == sorted(r.key for r in records[0].regions)
+    assert json.loads(summary_path(output).read_text())["sequential"] is False

@@ -5,42 +5,13 @@ Example (the published setting):
         --gen-length 32 --steps 32 --output outputs/paradlc_outputs.json
 """
 
-import argparse
-import json
-import logging
 from pathlib import Path
 
-from perceptiondlm.evaluation.regionbench import load_model, region_filter_from, run_benchmark, summary_path
+from perceptiondlm.evaluation.cli import inference_main
 
 HERE = Path(__file__).resolve().parent
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model-path", required=True, help="PerceptionDLM checkpoint directory")
-parser.add_argument("--anno-json", default=HERE / "annotations" / "annotations.json")
-parser.add_argument("--image-root", default=HERE / "annotations" / "images")
-parser.add_argument("--qa-json", default=None, help="caption only the regions of this qa.json")
-parser.add_argument("--class-names-json", default=None, help="else only the regions of this class_names.json")
-parser.add_argument("--output", default=HERE / "outputs" / "paradlc_outputs.json")
-parser.add_argument("--gen-length", type=int, default=32)
-parser.add_argument("--steps", type=int, default=32)
-parser.add_argument("--decoding", default="reference", choices=["reference", "threshold"])
-parser.add_argument("--prompt", default=None, help="default: the prompt the model was trained with")
-parser.add_argument("--sequential", action="store_true", help="one region per call (the paper's comparison)")
-parser.add_argument("--chunking", default="reference", choices=["reference", "batched"],
-                    help="reference: chunks of prompt_numbers regions in annotation order, one call each; "
-                    "batched: all regions of an image in one call")
-parser.add_argument("--save-every", type=int, default=20, help="write the outputs every N images")
-parser.add_argument("--device", default=None)
-parser.add_argument("--dtype", default="bfloat16")
-args = parser.parse_args()
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-model = load_model(args.model_path, device=args.device, dtype=args.dtype)
-summary = run_benchmark(
-    model, args.anno_json, args.image_root, args.output, prompt=args.prompt, gen_length=args.gen_length,
-    steps=args.steps, decoding=args.decoding, chunking=args.chunking, sequential=args.sequential,
-    save_every=args.save_every,
-    region_filter=region_filter_from(args.qa_json, args.class_names_json),
-)
-print(json.dumps(summary, indent=2))
-print(f"captions: {args.output}\nsummary: {summary_path(args.output)}")
+if __name__ == "__main__":
+    inference_main(__doc__, annotations=HERE / "annotations" / "annotations.json",
+                   images=HERE / "annotations" / "images",
+                   output=HERE / "outputs" / "paradlc_outputs.json", one_region_per_call=False)
