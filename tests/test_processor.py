@@ -94,6 +94,20 @@ def test_training_labels_cover_exactly_the_answer(processor):
     assert int(ids[-1]) == tokens.eot and int((ids == tokens.eot).sum()) == 3  # system, user, answer
 
 
+def test_captions_can_be_padded_with_eot_to_the_slot_length(processor):
+    captions = ["an ellipse", "a big box", "a small box"]
+    out = processor.caption_examples([IMAGE], [MASKS], [captions], caption_length=14,
+                                     generator=torch.Generator().manual_seed(0))
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    text = processor.tokenizer.decode(ids[labels != IGNORE_INDEX])
+    for i in range(3):  # every slot: its caption, then eot tokens up to 14 tokens
+        slot = text.split(f"<|Mask_Cap_{i}|>")[1].split("\n")[0].replace("<|eot_id|>", "")
+        assert slot in captions
+    for caption in captions:
+        assert len(processor.tokenizer(processor.pad_caption(caption, 14), add_special_tokens=False)["input_ids"]) == 14
+    assert processor.pad_caption("a very long caption with many words", 3) == "a very long caption with many words"
+
+
 def test_batch_pads_right_and_rows_match_single_samples(processor):
     image2, masks2 = second_sample()
     caps = [["a", "b", "c"], ["tiny", "large one"]]

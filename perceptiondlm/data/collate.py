@@ -14,11 +14,13 @@ from perceptiondlm.processing.prompts import DEFAULT_REGION_QUESTION
 
 class Collator:
     """Region examples go through `processor.caption_examples`, chat examples through `chat_examples`;
-    `question` is the region instruction (None = "Describe each masked region in detail.")."""
+    `question` is the region instruction (None = "Describe each masked region in detail."); `caption_length`
+    pads every caption with `<|eot_id|>` to that many tokens (None = no padding, as the reference)."""
 
-    def __init__(self, processor: Any, question: str | None = None) -> None:
+    def __init__(self, processor: Any, question: str | None = None, caption_length: int | None = None) -> None:
         self.processor = processor
         self.question = question or DEFAULT_REGION_QUESTION
+        self.caption_length = caption_length
 
     def __call__(self, examples: list[dict[str, Any]]) -> BatchFeature:
         if not examples:
@@ -33,7 +35,8 @@ class Collator:
             batch = self.processor.caption_examples(
                 [ex["image"] for ex in examples], [ex["masks"] for ex in examples],
                 [ex["captions"] for ex in examples],
-                prompt_ids=[ex["prompt_ids"] for ex in examples] if with_ids else None, question=self.question)
+                prompt_ids=[ex["prompt_ids"] for ex in examples] if with_ids else None, question=self.question,
+                caption_length=self.caption_length)
         elif kind == "chat":
             batch = self.processor.chat_examples([ex["images"] for ex in examples],
                                                  [ex["conversation"] for ex in examples])

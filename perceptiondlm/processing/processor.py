@@ -202,11 +202,15 @@ class PerceptionDLMProcessor:
     def caption_examples(
         self, images: Sequence[ImageSource], masks: Sequence[Sequence[Any]], captions: Sequence[Sequence[str]],
         *, prompt_ids: Sequence[Sequence[int]] | None = None, generator: torch.Generator | None = None,
-        question: str = DEFAULT_REGION_QUESTION,
+        question: str = DEFAULT_REGION_QUESTION, caption_length: int | None = None,
     ) -> BatchFeature:
         """Training batch with labels. `captions[b][k]` belongs to `masks[b][k]` (caller order). Region i uses
         prompt id perm[i], perm a fresh permutation of range(prompt_numbers) per sample (drawn with
-        `generator`), unless `prompt_ids[b]` gives them per area-sorted region."""
+        `generator`), unless `prompt_ids[b]` gives them per area-sorted region. With `caption_length`, each
+        caption is padded with `<|eot_id|>` to that many tokens, as the slots are at inference (the reference
+        did not pad, so its model never learned what to write after a short caption)."""
+        if caption_length is not None:
+            captions = [[self.pad_caption(c, caption_length) for c in row] for row in captions]
         pairs = self._pairs(images, masks)
         if len(captions) != len(pairs) or (prompt_ids is not None and len(prompt_ids) != len(pairs)):
             raise PerceptionDLMError(f"{len(pairs)} images but {len(captions)} caption lists"
@@ -215,6 +219,12 @@ class PerceptionDLMProcessor:
                                        prompt_ids=None if prompt_ids is None else prompt_ids[b])
                    for b, (img, m) in enumerate(pairs)]
         return self._region_batch(samples, with_labels=True)
+
+    def pad_caption(self, caption: str, length: int) -> str:
+        """`caption` followed by `<|eot_id|>` up to `length` tokens (unchanged if it is that long already)."""
+        tokens = len(self.tokenizer(caption, add_special_tokens=False)["input_ids"])
+        eot = self.tokenizer.convert_ids_to_tokens(self.special_tokens.eot)
+        return caption + eot * max(length - tokens, 0)
 
     @staticmethod
     def _pairs(images: Sequence[Any], masks: Sequence[Any]) -> list[tuple[Any, Any]]:

@@ -81,6 +81,7 @@ class DataConfig:
     max_regions_per_sample: int | None = None
     image_root: str | None = None  # directory that relative image paths of the records start from
     question: str | None = None  # region instruction; None = the trained "Describe each masked region in detail."
+    caption_length: int | None = None  # pad region captions with <|eot_id|> to this many tokens (None = no padding)
     seed: int = 0  # source subsampling and region grouping
 
     def __post_init__(self) -> None:

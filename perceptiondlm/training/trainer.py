@@ -94,10 +94,9 @@ def run_training(config: Any) -> Path:
     output = Path(args.output_dir)
     if args.process_index == 0:
         save_config(config, output)
-    trainer = PerceptionDLMTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=Collator(processor, config.data.question),
-        processing_class=processor,
-    )
+    collator = Collator(processor, config.data.question, config.data.caption_length)
+    trainer = PerceptionDLMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                                   processing_class=processor)
     resume = args.resume_from_checkpoint
     if resume is None and output.is_dir() and get_last_checkpoint(str(output)):
         resume = True
