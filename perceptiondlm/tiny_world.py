@@ -38,7 +38,7 @@ TINY_LLADA = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
 TINY_SIGLIP_VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                           image_size=64, patch_size=8)
 TINY_SIGLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        vocab_size=64, max_position_embeddings=16)
+                        vocab_size=64, max_position_embeddings=16, pad_token_id=1, bos_token_id=2, eos_token_id=3)
 # Data split sizes and seeds: training and benchmark images never share a seed.
 SPLITS = {"regions": (6000, 11), "conversations": (3000, 12), "benchmark": (120, 13)}
 STAGES = ("s1", "s2", "s3", "s4", "region")
