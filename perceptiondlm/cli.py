@@ -96,20 +96,21 @@ def chat(model_path: Path, image: Path, prompt: str = "Describe the image in det
 
 
 def demo(model_path: Path | None = None, server_name: str = "127.0.0.1", server_port: int = 7860,
-         max_tokens: int = 512, play_delay: float = 0.25) -> str:
+         assets: Path | None = None, max_tokens: int = 512, play_delay: float = 0.25) -> str:
     """Start the web demo: draw or upload region masks and watch every caption denoise in parallel.
 
     Args:
         model_path: a PerceptionDLM checkpoint (default: the embedded tiny model)
         server_name: address to listen on (127.0.0.1 = this machine only)
         server_port: port to listen on
+        assets: folder of presets, demo*.png with demo*_mask_*.png (default: the repository's assets/)
         max_tokens: most answer tokens per run (gen length x regions)
         play_delay: seconds between frames of the replay
     """
-    from perceptiondlm.demo import serve
+    from perceptiondlm.demo import ASSETS_DIR, serve
 
-    serve(model_path, server_name=server_name, server_port=server_port, max_tokens=max_tokens,
-          play_delay=play_delay)
+    serve(model_path, server_name=server_name, server_port=server_port, assets=assets or ASSETS_DIR,
+          max_tokens=max_tokens, play_delay=play_delay)
     return "Demo stopped."
 
 

@@ -27,7 +27,6 @@ from perceptiondlm.models.regions import caption_slot_index
 from perceptiondlm.processing.masks import load_masks, sort_by_area
 from perceptiondlm.processing.processor import load_image
 from perceptiondlm.processing.prompts import DEFAULT_REGION_QUESTION
-from perceptiondlm.processing.tokens import MASK_TOKEN
 
 DECODING_MODES = ("reference", "threshold")
 MASKED_PLACEHOLDER = "▢"
@@ -329,4 +328,4 @@ def chat(
     return ChatAnswer(text, tokens, result.stats, history or None)
 
 
-__all__ = ["ChatAnswer", "RegionCaptions", "caption_regions", "chat", "DECODING_MODES", "MASK_TOKEN"]
+__all__ = ["ChatAnswer", "RegionCaptions", "caption_regions", "chat", "DECODING_MODES"]

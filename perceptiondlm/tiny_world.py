@@ -132,17 +132,12 @@ def train_stages(configs: Path, stages: tuple[str, ...] = STAGES, overrides: dic
     return seconds
 
 
-def evaluate(model_dir: Path, bench_dir: Path, output: Path, **decoding: Any) -> dict[str, Any]:
-    """The synthetic benchmark: caption every region, answer its questions with the rule judge, score."""
-    from perceptiondlm.evaluation.synthetic import run_synthetic_bench
-
-    return run_synthetic_bench(model_dir, bench_dir, output, **decoding)
-
-
 def build(work: Path = Path("work_dirs/tiny"), configs: Path = Path("configs/tiny"),
           export: Path | None = None) -> dict[str, Any]:
     """Everything: data -> initial checkpoints (+ vision pretraining) -> s1..s4 -> both region variants ->
     evaluation on the held-out benchmark -> export of the chosen region model and of the Base model."""
+    from perceptiondlm.evaluation.synthetic import run_synthetic_bench
+
     start = time.perf_counter()
     paths = write_data(work / "data")
     _, siglip_dir = write_initial_checkpoints(work / "init", paths["tokenizer"])
@@ -153,7 +148,8 @@ def build(work: Path = Path("work_dirs/tiny"), configs: Path = Path("configs/tin
     report: dict[str, Any] = {"train_seconds": seconds}
     for variant in ("region", "region_open"):
         report[variant] = {
-            decoding: evaluate(work / variant, paths["benchmark"], work / "eval" / variant, decoding=decoding)
+            decoding: run_synthetic_bench(work / variant, paths["benchmark"], work / "eval" / variant,
+                                          decoding=decoding)
             for decoding in ("reference", "threshold")
         }
     report["total_seconds"] = time.perf_counter() - start

@@ -4,7 +4,6 @@ region's caption denoise in parallel, replay the steps. `python demo/gradio/app.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -216,22 +215,10 @@ def launch(model_path: str | Path | None = None, *, model: Any = None, server_na
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-path", type=Path, default=None, help="checkpoint (default: the embedded tiny model)")
-    parser.add_argument("--server-name", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--server-port", type=int, default=7860)
-    parser.add_argument("--assets", type=Path, default=ASSETS_DIR, help="folder of presets demo*.png + masks")
-    parser.add_argument("--max-tokens", type=int, default=MAX_GENERATION_TOKENS, help="gen length × regions limit")
-    parser.add_argument("--play-delay", type=float, default=0.25, help="seconds between replayed steps")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        launch(args.model_path, server_name=args.server_name, server_port=args.server_port, assets=args.assets,
-               max_tokens=args.max_tokens, play_delay=args.play_delay)
-    except PerceptionDLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """`python demo/gradio/app.py [options]` = `perceptiondlm demo [options]` (one command line, in cli.py)."""
+    from perceptiondlm.cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -161,7 +161,6 @@ KeyValues = tuple[torch.Tensor, torch.Tensor] | None  # one layer's (keys, value
 class LLaDAOutput(ModelOutput):
     """`logits` (B, L, V) or (N, V) for a `logits_mask`; `key_values` per layer when asked for."""
 
-    loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
