@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import io
 import logging
 import re
 import sys
@@ -44,53 +45,77 @@ def convert(model_path: Path, output_path: Path) -> str:
     return f"Converted checkpoint written to {convert_gsai_checkpoint(model_path, output_path)}"
 
 
-def caption(model_path: Path, image: Path, masks: list[Path], prompt: str | None = None, gen_length: int = 32,
-            steps: int = 32, decoding: str = "reference", threshold: float = 0.9, temperature: float = 0.0,
-            top_p: float = 1.0) -> str:
+def caption(image: Path, masks: list[Path], model_path: Path | None = None, prompt: str | None = None,
+            gen_length: int | None = None, steps: int | None = None, decoding: str = "reference",
+            threshold: float = 0.9, temperature: float = 0.0, top_p: float = 1.0, save_overlay: Path | None = None
+            ) -> str:
     """Caption image regions in parallel with PerceptionDLM; captions print in the order the masks are given.
 
     Args:
-        model_path: directory of a PerceptionDLM checkpoint (config, weights, tokenizer and processor files)
+        model_path: a PerceptionDLM checkpoint directory (default: the embedded tiny model)
         image: the image file
         masks: one binary mask image per region (white = region), same size or aspect ratio as the image
         prompt: the question (default: the one the model was trained with)
-        gen_length: answer tokens per region
-        steps: denoising steps (reference decoding)
+        gen_length: answer tokens per region (default: 16 for the tiny model, whose captions fit 16, else 64)
+        steps: denoising steps of the reference decoding (default: 16 for the tiny model, else 32)
         decoding: reference (the released sampler) or threshold (faster: commits confident tokens early)
         threshold: confidence threshold of the threshold decoding
         temperature: 0 = greedy
         top_p: nucleus sampling mass when temperature > 0
+        save_overlay: write the image with each region coloured, numbered and captioned to this PNG file
     """
+    from perceptiondlm.demo import default_options, overlay, resolve_model_path
+    from perceptiondlm.io import write_bytes_atomic
     from perceptiondlm.models.perceptiondlm import PerceptionDLM
+    from perceptiondlm.processing.masks import load_masks
+    from perceptiondlm.processing.processor import load_image
 
-    model = PerceptionDLM.from_pretrained(model_path).eval()
-    result = model.caption_regions(image, masks, prompt=prompt, gen_length=gen_length, steps=steps,
+    path, notice = resolve_model_path(model_path)
+    if notice:
+        logging.getLogger("perceptiondlm").warning(notice)
+    picture = load_image(image, "image")
+    regions = load_masks(masks, picture.size)  # every mask checked before the model loads
+    model = PerceptionDLM.from_pretrained(path).eval()
+    defaults = default_options(model)
+    gen_length, steps = gen_length or defaults["gen_length"], steps or defaults["steps"]
+    result = model.caption_regions(picture, regions, prompt=prompt, gen_length=gen_length, steps=steps,
                                    decoding=decoding, threshold=threshold, temperature=temperature, top_p=top_p)
     lines = [f"[Caption {i}] {text}" for i, text in enumerate(result.captions)]
     s = result.stats
     lines.append(f"NFE {s.nfe}, tokens {s.tokens}, TPF {s.tpf:.2f}, time {s.seconds:.2f} s "
                  f"(vision {s.seconds_vision:.2f}, prefill {s.seconds_prefill:.2f}, denoise {s.seconds_denoise:.2f})")
+    if save_overlay is not None:
+        buffer = io.BytesIO()
+        overlay(picture, regions, result.captions).save(buffer, format="PNG")
+        write_bytes_atomic(save_overlay, buffer.getvalue())
+        lines.append(f"overlay saved to {save_overlay}")
     return "\n".join(lines)
 
 
-def chat(model_path: Path, image: Path, prompt: str = "Describe the image in detail.", gen_length: int = 128,
-         block_length: int | None = None, steps: int | None = None, temperature: float = 0.0) -> str:
+def chat(image: Path, model_path: Path | None = None, prompt: str = "Describe the image in detail.",
+         gen_length: int = 128, block_length: int | None = None, steps: int | None = None,
+         temperature: float = 0.0, top_p: float | None = None) -> str:
     """Ask PerceptionDLM-Base a question about an image (block diffusion decoding).
 
     Args:
-        model_path: directory of a PerceptionDLM-Base checkpoint
+        model_path: a PerceptionDLM(-Base) checkpoint directory (default: the embedded tiny Base model)
         image: the image file
         prompt: the question
         gen_length: answer tokens
         block_length: tokens per semi-autoregressive block (default: gen_length)
         steps: denoising steps (default: gen_length)
         temperature: 0 = greedy
+        top_p: nucleus sampling mass when temperature > 0
     """
+    from perceptiondlm.demo import resolve_model_path
     from perceptiondlm.models.perceptiondlm import PerceptionDLM
 
-    model = PerceptionDLM.from_pretrained(model_path).eval()
+    path, notice = resolve_model_path(model_path, base=True)
+    if notice:
+        logging.getLogger("perceptiondlm").warning(notice)
+    model = PerceptionDLM.from_pretrained(path).eval()
     answer = model.chat(image, prompt, gen_length=gen_length, block_length=block_length, steps=steps,
-                        temperature=temperature)
+                        temperature=temperature, top_p=top_p)
     s = answer.stats
     return f"{answer.text}\nNFE {s.nfe}, TPF {s.tpf:.2f}, time {s.seconds:.2f} s"
 

@@ -23,6 +23,7 @@ from perceptiondlm.processing.masks import load_mask
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "assets" / "tiny-perceptiondlm"
+DEFAULT_BASE_MODEL_PATH = DEFAULT_MODEL_PATH.with_name("tiny-perceptiondlm-base")
 FALLBACK_MODEL_PATH = REPO_DIR / "tests" / "fixtures" / "pdmllm" / "checkpoint"  # random weights: noise captions
 ASSETS_DIR = REPO_DIR / "assets"
 APP_PATH = REPO_DIR / "demo" / "gradio" / "app.py"
@@ -190,16 +191,18 @@ def check_generation(regions: int, gen_length: int, max_tokens: int = MAX_GENERA
             f"tokens, over this demo's limit of {max_tokens}. Lower the gen length or use fewer regions.")
 
 
-def resolve_model_path(model_path: str | Path | None = None) -> tuple[Path, str | None]:
-    """(checkpoint directory, notice): the default embedded model, or the random test checkpoint if it is missing."""
-    path = DEFAULT_MODEL_PATH if model_path is None else Path(model_path)
+def resolve_model_path(model_path: str | Path | None = None, base: bool = False) -> tuple[Path, str | None]:
+    """(checkpoint directory, notice): the given one, else the embedded tiny model (`base`: the tiny Base model),
+    else the random test checkpoint with a notice saying so."""
+    default = DEFAULT_BASE_MODEL_PATH if base else DEFAULT_MODEL_PATH
+    path = default if model_path is None else Path(model_path)
     if (path / "config.json").is_file():
         return path, None
-    if path != DEFAULT_MODEL_PATH or not (FALLBACK_MODEL_PATH / "config.json").is_file():
+    if path != default or not (FALLBACK_MODEL_PATH / "config.json").is_file():
         raise PerceptionDLMError(f"No PerceptionDLM checkpoint at {path} (config.json missing); pass --model-path DIR.")
     return FALLBACK_MODEL_PATH, (
-        f"The embedded tiny model ({DEFAULT_MODEL_PATH}) is not built yet, so this demo runs the random test "
-        f"checkpoint {FALLBACK_MODEL_PATH}: its captions are noise. Pass --model-path DIR for a real model.")
+        f"The embedded tiny model ({default}) is not built yet, so this runs the random test checkpoint "
+        f"{FALLBACK_MODEL_PATH}: its output is noise. Pass --model-path DIR for a real model.")
 
 
 def default_options(model: Any) -> dict[str, int]:

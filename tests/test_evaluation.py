@@ -517,3 +517,24 @@ def test_paradlc_inference_script(tmp_path):
     captions = json.loads(output.read_text())
     assert sorted(captions) == sorted(r.key for r in records[0].regions)
     assert json.loads(summary_path(output).read_text())["sequential"] is False
+
+
+def test_base_qa_asks_held_out_attribute_questions_and_scores_exact_answers(tmp_path, model, monkeypatch):
+    from perceptiondlm.data.synthetic import attribute_questions, make_scene
+    from perceptiondlm.evaluation.synthetic import run_base_qa
+
+    truth = {}
+    for i in range(3):
+        for question, answer, _ in attribute_questions(make_scene(13, i), np.random.default_rng([13, i, 3]), 2):
+            truth[question] = answer
+    first = next(iter(truth))
+
+    def fake_chat(image, question, **kwargs):  # right on the first question only, with a trailing period
+        return types.SimpleNamespace(text=f" {truth[question]}." if question == first else "no idea")
+
+    monkeypatch.setattr(model, "chat", fake_chat)
+    report = run_base_qa(model, n_images=3, questions_per_image=2, output_path=tmp_path / "qa.json")
+    assert report["questions"] == len(truth) and report["accuracy"] == pytest.approx(1 / len(truth))
+    saved = json.loads((tmp_path / "qa.json").read_text())
+    assert [r["question"] for r in saved["records"]] == list(truth) and saved["records"][0]["correct"]
+    assert sum(v > 0 for v in report["attribute_accuracy"].values()) == 1

@@ -156,6 +156,35 @@ def test_questions_refer_to_one_object_and_answer_right():
     assert {"How many", "Is there", "What colour", "What shape", "What size", "Where is"} <= kinds
 
 
+def test_attribute_questions_name_the_attribute_asked_and_answer_right():
+    asked = set()
+    for index in range(N_IMAGES):
+        scene = sw.make_scene(6, index)
+        for question, answer, attribute in sw.attribute_questions(scene, np.random.default_rng(index), 4):
+            assert answer == _expected_answer(question, scene.objects), question
+            prefix, suffix = sw.ATTRIBUTE_QUESTIONS[attribute].split("{}")
+            assert question.startswith(prefix) and question.endswith(suffix), (question, attribute)
+            asked.add(attribute)
+    assert asked == set(sw.ATTRIBUTE_QUESTIONS)
+
+
+def test_language_pretraining_texts_pair_each_bag_of_words_with_its_caption():
+    documents = sw.language_pretraining_texts(4, seed=3)
+    assert len(documents) == 8 and all(d.startswith("<|start_header_id|>system") for d in documents)
+    qa, region = documents[0], documents[1]
+    scene = sw.make_scene(3, 0)
+    assert sw.scene_caption(scene) in qa
+    user, answer = region.split("<|start_header_id|>assistant<|end_header_id|>\n")
+    bags = user.split("<|end_header_id|>\n")[-1].split("\n")[:-2]  # then the question and ""
+    captions = answer.removesuffix("<|eot_id|>").split("\n")
+    assert len(bags) == len(captions) == min(len(scene.objects), 6)
+    for bag, caption in zip(bags, captions, strict=True):
+        parsed = sw.parse_caption(caption)
+        words = set(bag.split())
+        assert {parsed["colour"], parsed["shape"], parsed["size"], parsed["texture"]} <= words
+        assert set(parsed["position"].split()) <= words and (("covered" in words) == parsed["partly_covered"])
+
+
 def _schema(value):
     if isinstance(value, dict):
         return {k: _schema(v) for k, v in value.items()}

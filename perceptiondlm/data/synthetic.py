@@ -260,14 +260,28 @@ def _existence_question(scene: Scene, rng: np.random.Generator) -> tuple[str, st
     return f"Is there a {colour} {shape}?", "No"
 
 
-def _attribute_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
+def _attribute_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str] | None:
+    """(question, answer, attribute asked) about one object named by a unique reference, or None."""
     obj = scene.objects[rng.integers(len(scene.objects))]
     asked = tuple(ATTRIBUTE_QUESTIONS)[rng.integers(len(ATTRIBUTE_QUESTIONS))]
     ref = _unique_reference(obj, scene.objects, asked)
     if ref is None:
         return None
     answer = ("Yes" if obj.partly_covered else "No") if asked == "covered" else getattr(obj, asked)
-    return ATTRIBUTE_QUESTIONS[asked].format(ref), answer
+    return ATTRIBUTE_QUESTIONS[asked].format(ref), answer, asked
+
+
+def attribute_questions(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
+    """Up to `n` distinct (question, answer, attribute asked) triples about single objects, each object named
+    by a unique reference: the held-out questions the Base model is scored on."""
+    out: list[tuple[str, str, str]] = []
+    for _ in range(50 * n):
+        if len(out) == n:
+            break
+        qa = _attribute_question(scene, rng)
+        if qa is not None and qa[0] not in {q for q, _, _ in out}:
+            out.append(qa)
+    return out
 
 
 def scene_questions(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
@@ -279,7 +293,8 @@ def scene_questions(scene: Scene, rng: np.random.Generator, n: int) -> list[tupl
             break
         kind = rng.random()
         if kind < 0.5:
-            qa = _attribute_question(scene, rng)
+            triple = _attribute_question(scene, rng)
+            qa = None if triple is None else triple[:2]
         elif kind < 0.75:
             qa = _count_question(scene, rng)
         else:
@@ -309,6 +324,35 @@ def tiny_world_texts(n_images: int, seed: int) -> list[str]:
         for conversation in scene_conversations(scene, np.random.default_rng([seed, i, 1]), 4):
             texts += [turn["value"].replace("<image>\n", "") for turn in conversation]
     return texts
+
+
+def language_pretraining_texts(n_scenes: int, seed: int) -> list[str]:
+    """Chat-formatted text-only documents for the tiny LLaDA's stand-in pretraining (a real LLM arrives knowing
+    how to read a context and answer from it): questions answered from a scene caption given in the prompt, and
+    captions written from the bag of attribute words of each object (in the VLM these become image features)."""
+    from perceptiondlm.processing.prompts import render_chat
+
+    documents = []
+    for i in range(n_scenes):
+        scene = make_scene(seed, i)
+        rng = np.random.default_rng([seed, i, 4])
+        turns: list[dict[str, str]] = []
+        for question, answer in scene_questions(scene, rng, 3):
+            context = f"{scene_caption(scene)}\n" if not turns else ""
+            turns += [{"role": "user", "content": context + question}, {"role": "assistant", "content": answer}]
+        if turns:
+            documents.append(render_chat(turns)[0])
+        objects = [scene.objects[j] for j in rng.permutation(len(scene.objects))[:6]]
+        bags = []
+        for obj in objects:
+            words = [obj.size, obj.colour, obj.texture, obj.shape, *obj.position.split()]
+            words += ["covered"] if obj.partly_covered else []
+            bags.append(" ".join(words[k] for k in rng.permutation(len(words))))
+        documents.append(render_chat([
+            {"role": "user", "content": "\n".join(bags) + "\n" + DEFAULT_REGION_QUESTION},
+            {"role": "assistant", "content": "\n".join(object_caption(o) for o in objects)},
+        ])[0])
+    return documents
 
 
 # ---------------------------------------------------------------- file formats

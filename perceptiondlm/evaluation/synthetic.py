@@ -65,3 +65,35 @@ def run_synthetic_bench(model: Any, bench_dir: str | Path, output_dir: str | Pat
     }
     write_json_atomic(captions_path.with_name(captions_path.stem + "_report.json"), report)
     return report
+
+
+def run_base_qa(model: Any, n_images: int = 100, seed: int = 13, questions_per_image: int = 3,
+                output_path: str | Path | None = None, gen_length: int = 4) -> dict[str, Any]:
+    """Held-out attribute questions ("What colour is the plain object in the top right?") about the benchmark
+    split's scenes (`seed` = its seed), answered by a Base (or region) model's `chat`; exact-match accuracy,
+    overall and per attribute asked. Writes every question, answer and prediction to `output_path` if given."""
+    import numpy as np
+    from PIL import Image
+
+    from perceptiondlm.data.synthetic import attribute_questions, make_scene
+    from perceptiondlm.models.perceptiondlm import PerceptionDLM
+
+    if not isinstance(model, PerceptionDLM):
+        model = PerceptionDLM.from_pretrained(model).eval()
+    records = []
+    for i in range(n_images):
+        scene = make_scene(seed, i)
+        image = Image.fromarray(scene.image)
+        for question, answer, asked in attribute_questions(scene, np.random.default_rng([seed, i, 3]),
+                                                           questions_per_image):
+            predicted = model.chat(image, question, gen_length=gen_length).text.strip().rstrip(".")
+            records.append({"image": i, "question": question, "answer": answer, "attribute": asked,
+                            "prediction": predicted, "correct": predicted.lower() == answer.lower()})
+    by_attribute: dict[str, list[bool]] = {}
+    for record in records:
+        by_attribute.setdefault(record["attribute"], []).append(record["correct"])
+    report = {"accuracy": sum(r["correct"] for r in records) / max(len(records), 1), "questions": len(records),
+              "attribute_accuracy": {a: sum(v) / len(v) for a, v in sorted(by_attribute.items())}}
+    if output_path is not None:
+        write_json_atomic(Path(output_path), {**report, "records": records})
+    return report
