@@ -77,7 +77,8 @@ def caption(image: Path, masks: list[Path], model_path: Path | None = None, prom
     regions = load_masks(masks, picture.size)  # every mask checked before the model loads
     model = PerceptionDLM.from_pretrained(path).eval()
     defaults = default_options(model)
-    gen_length, steps = gen_length or defaults["gen_length"], steps or defaults["steps"]
+    gen_length = defaults["gen_length"] if gen_length is None else gen_length
+    steps = defaults["steps"] if steps is None else steps
     result = model.caption_regions(picture, regions, prompt=prompt, gen_length=gen_length, steps=steps,
                                    decoding=decoding, threshold=threshold, temperature=temperature, top_p=top_p)
     lines = [f"[Caption {i}] {text}" for i, text in enumerate(result.captions)]

@@ -30,7 +30,7 @@ from perceptiondlm.data.tiny_tokenizer import train_tiny_tokenizer
 from perceptiondlm.io import write_json_atomic
 from perceptiondlm.models.configuration import LLaDAConfig
 from perceptiondlm.models.llada import LLaDAModelLM
-from perceptiondlm.processing.tokens import MASK_TOKEN
+from perceptiondlm.processing.tokens import SpecialTokens
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def pretrain_language_model(llada_dir: Path, texts: list[str], steps: int = 600,
     torch.manual_seed(seed)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(llada_dir)
     model = LLaDAModelLM.from_pretrained(llada_dir, dtype=torch.float32).train()
-    mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
-    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    mask_id, eot = special.mask, special.eot
     encoded = [ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)

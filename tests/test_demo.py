@@ -202,6 +202,9 @@ def test_request_checks_say_what_is_wrong(demo_inputs) -> None:
         resolve_model_path(REPO / "no-such-model")
     path, notice = resolve_model_path(None)
     assert (path == DEFAULT_MODEL_PATH and notice is None) or (path == FALLBACK_MODEL_PATH and "noise" in notice)
+    path, notice = resolve_model_path(None, base=True)  # `perceptiondlm chat`: the tiny Base model
+    assert (path == DEFAULT_MODEL_PATH.with_name("tiny-perceptiondlm-base") and notice is None) or (
+        path == FALLBACK_MODEL_PATH and "tiny-perceptiondlm-base" in notice)
 
 
 def test_caption_stream_yields_every_step_then_the_result(model, demo_inputs) -> None:
