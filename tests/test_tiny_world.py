@@ -37,6 +37,19 @@ def test_attribute_codes_weight_appearance_and_give_background_no_code():
     assert all(torch.equal(a, b) for a, b in zip(codes, tw.attribute_codes(96, seed=0), strict=True))
 
 
+def test_object_features_pool_each_object_by_its_coverage_and_sum_its_codes():
+    scene = make_scene(0, 3)
+    codes = tw.attribute_codes(6, seed=0)
+    features = torch.randn(1, 64, 6)
+    pooled, wanted = tw.object_features([scene], features, codes, 8)
+    assert pooled.shape == wanted.shape == (len(scene.objects), 6)
+    obj, mask = scene.objects[0], scene.masks[0]
+    weight = torch.from_numpy(mask.reshape(8, 8, 8, 8).mean((1, 3))).flatten().float()
+    assert torch.allclose(pooled[0], weight @ features[0] / weight.sum())
+    expected = sum(c[VALUES[a].index(getattr(obj, a))] for a, c in zip(ATTRIBUTES, codes, strict=False))
+    assert torch.allclose(wanted[0], expected)
+
+
 def test_pretraining_stand_ins_change_and_save_the_weights(tmp_path):
     llada = tmp_path / "llada"
     shutil.copytree(FIXTURES / "llada_hf", llada)
