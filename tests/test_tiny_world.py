@@ -4,6 +4,7 @@ exported model card."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import torch
@@ -13,6 +14,8 @@ from transformers import SiglipConfig, SiglipModel
 
 from perceptiondlm import tiny_world as tw
 from perceptiondlm.data.synthetic import ATTRIBUTES, VALUES, language_pretraining_texts, make_scene
+from perceptiondlm.models.configuration import LLaDAConfig
+from perceptiondlm.models.llada import LLaDAModelLM
 
 
 def test_patch_labels_name_the_object_under_each_patch_and_the_patch_cell():
@@ -52,7 +55,12 @@ def test_object_features_pool_each_object_by_its_coverage_and_sum_its_codes():
 
 def test_pretraining_stand_ins_change_and_save_the_weights(tmp_path):
     llada = tmp_path / "llada"
-    shutil.copytree(FIXTURES / "llada_hf", llada)
+    checkpoint = FIXTURES / "pdmllm" / "checkpoint"  # a tokenizer with the region tokens
+    vocab = json.loads((checkpoint / "config.json").read_text())["language_model_config"]["vocab_size"]
+    LLaDAModelLM(LLaDAConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2)).save_pretrained(llada)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(checkpoint / name, llada / name)
     before = load_file(llada / "model.safetensors")
     tw.pretrain_language_model(llada, language_pretraining_texts(2, seed=0), steps=2, batch=2)
     after = load_file(llada / "model.safetensors")
@@ -66,6 +74,29 @@ def test_pretraining_stand_ins_change_and_save_the_weights(tmp_path):
     after = load_file(siglip / "model.safetensors")
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(k.startswith("vision_model.") for k in changed)
+
+
+def test_region_layout_texts_put_each_regions_word_sum_in_its_roi_span_and_train_only_the_answers():
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(FIXTURES / "pdmllm" / "checkpoint")
+    texts = tw.RegionLayoutTexts(tokenizer, seed=0)
+    embeddings = torch.nn.Embedding(len(tokenizer) + 8, 4)
+    out = texts.batch(3, embeddings)
+    ids, labels, embeds, layout = out["ids"], out["labels"], out["embeds"], out["layout"]
+    special = texts.special
+    assert layout.shape == (3, 1, ids.shape[1], ids.shape[1])
+    for b in range(3):
+        roi = torch.isin(ids[b], torch.tensor(special.reserved))
+        assert roi.sum() % 16 == 0 and not (ids[b] == special.image_context).any()
+        first_slot = int(torch.nonzero(ids[b] == special.caption_slots[0])[0])
+        assert (labels[b, :first_slot] == -100).all() and (labels[b, first_slot:][ids[b, first_slot:] != special.eot]
+                                                          != -100).all()
+        span = embeds[b, ids[b] == special.reserved[0]]
+        assert torch.allclose(span, span[:1].expand_as(span))  # one vector over the span
+        assert not torch.allclose(span[0], embeddings.weight[special.reserved[0]])
+        slot = int(torch.nonzero(ids[b] == special.caption_slots[0])[0]) + 2
+        assert layout[b, 0, slot][ids[b] == special.reserved[0]].all()
 
 
 def test_model_card_states_the_recipe_times_and_scores():
