@@ -176,11 +176,15 @@ class RegionLayoutTexts:
     LLM arrives able to read such a span; the tiny LLaDA learns it here (random init: size and texture read
     within 200 steps, shape 0.83 at 300), so the VLM stages only have to map image features onto it."""
 
-    def __init__(self, tokenizer: Any, roi_tokens: int = 16, caption_length: int = 16, max_regions: int = 6,
+    def __init__(self, tokenizer: Any, roi_output_size: int = 4, caption_length: int = 16, max_regions: int = 6,
                  seed: int = 0) -> None:
-        self.tokenizer, self.roi_tokens, self.caption_length, self.max_regions = (
-            tokenizer, roi_tokens, caption_length, max_regions)
-        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        from perceptiondlm.processing.processor import PerceptionDLMProcessor
+
+        self.processor = PerceptionDLMProcessor(  # the region stage's processor (configs/tiny), for its layout
+            tokenizer, image_size=TINY_SIGLIP_VISION["image_size"], patch_size=TINY_SIGLIP_VISION["patch_size"],
+            downsample_ratio=1.0, prompt_numbers=max_regions, roi_output_size=roi_output_size)
+        self.tokenizer, self.caption_length, self.max_regions = tokenizer, caption_length, max_regions
+        self.special = self.processor.special_tokens
         self.generator = torch.Generator().manual_seed(seed)
 
     def _pick(self, values: tuple[str, ...]) -> str:
@@ -194,24 +198,18 @@ class RegionLayoutTexts:
                            visible_fraction=0.6 if covered else 1.0)
 
     def _sample(self) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-        """(ids, labels) of one conversation, RoI spans as reserved-token ids, and each region's word ids."""
+        """(ids, labels) of one conversation as the processor encodes it for training, without the image
+        positions (RoI spans stay reserved-token ids), and each region's word ids."""
         k = int(torch.randint(1, self.max_regions + 1, (1,), generator=self.generator))
         objects = [self._object() for _ in range(k)]
-        eot = self.tokenizer.convert_ids_to_tokens(self.special.eot)
-        captions = [c + eot * max(self.caption_length - len(self.tokenizer(c, add_special_tokens=False).input_ids), 0)
-                    for c in map(object_caption, objects)]
-        text, _ = render_chat(region_messages(k, captions=captions))
-        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids)
-        ids = ids[ids != self.special.image_context]  # text only
-        repeats = torch.ones_like(ids)
-        for i in range(k):
-            repeats[ids == self.special.reserved[i]] = self.roi_tokens
-        ids = ids.repeat_interleave(repeats)
-        answers = torch.arange(len(ids)) >= int(torch.nonzero(ids == self.special.caption_slots[0])[0])
+        captions = [self.processor.pad_caption(object_caption(o), self.caption_length) for o in objects]
+        text, spans = render_chat(region_messages(k, captions=captions))
+        ids, labels = self.processor.encode_text(text, spans, [1], k, self.processor.roi_tokens((1, 1)))
+        text_only = ids != self.special.image_context
         words = [[i for w in (o.size, o.colour, o.texture, o.shape, *o.position.split(),
                               *(["covered"] if o.partly_covered else []))
                   for i in self.tokenizer(" " + w, add_special_tokens=False).input_ids] for o in objects]
-        return ids, torch.where(answers, ids, -100), words
+        return ids[text_only], labels[text_only], words
 
     def batch(self, size: int, embeddings: torch.nn.Embedding) -> dict[str, torch.Tensor]:
         """`size` padded samples: ids and labels (B, L), input embeddings (B, L, D), the attention layout."""

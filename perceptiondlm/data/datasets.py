@@ -200,7 +200,7 @@ class TrainDataset(Dataset):
             k = len(example["masks"])
             grid = _grids(np.array([example["image"].width]), np.array([example["image"].height]), p)[0]
             text, spans = render_chat(region_messages(k, question=self.question, captions=example["captions"]))
-            ids, _ = p._encode(text, spans, [_tiles(grid)], k, p.roi_tokens(tuple(grid)))
+            ids, _ = p.encode_text(text, spans, [_tiles(grid)], k, p.roi_tokens(tuple(grid)))
         else:
             images = example["images"]
             if len(images) == 1:
@@ -208,7 +208,7 @@ class TrainDataset(Dataset):
             else:
                 tiles = [1] * len(images)
             text, spans = render_chat(example["conversation"])
-            ids, _ = p._encode(text, spans, tiles, 0, 0)
+            ids, _ = p.encode_text(text, spans, tiles, 0, 0)
         return len(ids)
 
     @property

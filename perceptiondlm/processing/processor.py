@@ -274,7 +274,7 @@ class PerceptionDLMProcessor:
         messages = region_messages(k, question=question, gen_length=None if captions is not None else gen_length,
                                    captions=None if captions is None else [captions[j] for j in order])
         text, spans = render_chat(messages)
-        input_ids, labels = self._encode(text, spans, [len(tiles)], k, self.roi_tokens(grid))
+        input_ids, labels = self.encode_text(text, spans, [len(tiles)], k, self.roi_tokens(grid))
         return {"input_ids": input_ids, "labels": labels, "pixel_values": normalize_tiles(tiles), "grid": grid,
                 "patches": patches, "prompt_ids": ids, "boxes": [mask_bbox(m) for m in masks], "order": order}
 
@@ -337,14 +337,14 @@ class PerceptionDLMProcessor:
         text, spans = render_chat(messages, add_generation_prompt=not training)
         tiles = [split_into_tiles(img, self.image_size, (1, 1)) if len(images) > 1 else
                  tile_image(img, self.image_size, self.min_sub_img, self.max_sub_img)[0] for img in images]
-        input_ids, labels = self._encode(text, spans, [len(t) for t in tiles], 0, 0, sample=b)
+        input_ids, labels = self.encode_text(text, spans, [len(t) for t in tiles], 0, 0, sample=b)
         pixels = (normalize_tiles([t for per_image in tiles for t in per_image]) if tiles
                   else torch.zeros(0, 3, self.image_size, self.image_size))
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels}
 
     # --- shared ----------------------------------------------------------------------------------------------
 
-    def _encode(self, text: str, spans: list[tuple[int, int]], image_tiles: list[int], regions: int,
+    def encode_text(self, text: str, spans: list[tuple[int, int]], image_tiles: list[int], regions: int,
                 roi_tokens: int, sample: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize `text` piecewise at the generation-span borders (so labels align exactly) → (ids, labels),
         both (L,) long, with the k-th `<IMG_CONTEXT>` widened to num_image_tokens·image_tiles[k] copies and
