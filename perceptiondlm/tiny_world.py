@@ -94,8 +94,9 @@ EVALUATIONS = {"reference": {}, "threshold": {"decoding": "threshold", "cache": 
 SEQUENTIAL = {"sequential": True}
 VARIANTS = ("region", "region_open")
 # region_open (the released layout) is shipped only if it beats region by more than this many points: region's
-# prompt never sees the answers, which makes its prefix KV cache exact.
-OPEN_LAYOUT_MARGIN = 1.0
+# prompt never sees the answers, which makes its prefix KV cache exact. Two from-scratch builds put the layouts in
+# opposite orders (92.4 vs 91.2, then 91.2 vs 92.7): differences under 2 points are run-to-run noise.
+OPEN_LAYOUT_MARGIN = 2.0
 
 
 def choose_variant(report: dict[str, Any]) -> tuple[str, str]:
@@ -103,17 +104,18 @@ def choose_variant(report: dict[str, Any]) -> tuple[str, str]:
     exact, released = (report[v]["threshold"] for v in VARIANTS)
     if released["avg"] > exact["avg"] + OPEN_LAYOUT_MARGIN:
         return "region_open", (f"the released layout scores {released['avg']:.1f} against {exact['avg']:.1f}, more "
-                               f"than {OPEN_LAYOUT_MARGIN:.0f} point better, which outweighs its approximate cache")
+                               f"than {OPEN_LAYOUT_MARGIN:.0f} points better, which outweighs its approximate cache")
     return "region", (f"it scores {exact['avg']:.1f} against the released layout's {released['avg']:.1f} (within "
-                      f"{OPEN_LAYOUT_MARGIN:.0f} point or better) and its prompt never sees the answers, so the "
+                      f"{OPEN_LAYOUT_MARGIN:.0f} points or better) and its prompt never sees the answers, so the "
                       "prefix KV cache is exact")
 
 
 def build(work: Path = Path("work_dirs/tiny"), configs: Path = Path("configs/tiny"),
-          export: Path | None = None) -> dict[str, Any]:
+          export: Path | None = None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything: data -> initial checkpoints (+ vision and language pretraining stand-ins) -> s1..s4 -> both
     region variants -> evaluation on the held-out benchmark -> export of the chosen region model and of the Base
-    model. The report (and, with `export`, the model card) holds every time and score."""
+    model. The report (and, with `export`, the model card) holds every time and score, and, given the `previous`
+    build's report, how far its scores are from this build's (`compare_reports`)."""
     from perceptiondlm.evaluation.synthetic import run_base_qa, run_synthetic_bench
 
     start = time.perf_counter()
@@ -139,6 +141,8 @@ def build(work: Path = Path("work_dirs/tiny"), configs: Path = Path("configs/tin
     report[shipped]["sequential"] = run_synthetic_bench(work / shipped, paths["benchmark"],
                                                         work / "eval" / shipped / "sequential", **SEQUENTIAL)
     report["total_seconds"] = time.perf_counter() - start
+    if previous is not None:
+        report["reproduction"] = compare_reports(report, previous)
     write_json_atomic(work / "build_report.json", report)
     if export is not None:
         export_model(work / shipped, export / "tiny-perceptiondlm")
@@ -163,6 +167,7 @@ def model_card(report: dict[str, Any]) -> str:
         "| step | seconds |", "|---|---|",
         *(f"| {name} | {value:.0f} |" for name, value in seconds.items()),
         f"| total (with data and evaluation) | {report['total_seconds']:.0f} |", "",
+        *(f"{note}\n" for note in report.get("notes", [])),
     ]
     if "vision_probe" in report:
         lines += ["Linear probes of the pretrained tower's mask-pooled features (held-out objects): "
@@ -171,7 +176,8 @@ def model_card(report: dict[str, Any]) -> str:
         "## Scores on the held-out synthetic benchmark (ParaDLC-Bench protocol, exact rule judge)", "",
         "`region`: the prompt never attends to the answers (`prefix_attends_answers: false`, exact prefix KV cache); "
         "`region_open`: the released models' layout. Gen length 16, 16 steps; threshold decoding at tau 0.9; "
-        "`threshold_cached` reuses the prompt's keys and values; `sequential` decodes one region at a time.", "",
+        "`threshold_cached` reuses the prompt's keys and values; `sequential` decodes one region at a time, with "
+        "reference decoding (compare it with the `reference` row).", "",
         "| model | decoding | avg | pos | neg | colour | shape | size | texture | position | TPF | regions/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -188,7 +194,53 @@ def model_card(report: dict[str, Any]) -> str:
         lines += ["", f"Base model (tiny-perceptiondlm-base), held-out attribute questions: accuracy "
                       f"{qa['accuracy']:.2f} over {qa['questions']} questions "
                       + ", ".join(f"{a} {v:.2f}" for a, v in qa["attribute_accuracy"].items()) + "."]
+    if "reproduction" in report:
+        lines += ["", *reproduction_lines(report["reproduction"])]
     return "\n".join(lines) + "\n"
+
+
+# `scripts/build_tiny_model.sh` must reproduce the shipped model's scores within this (fractions: 0.02 = 2 points of
+# the ParaDLC average).
+REPRODUCTION_TOLERANCE = 0.02
+
+
+def headline_scores(report: dict[str, Any]) -> dict[str, float]:
+    """The scores a rebuild must reproduce, as fractions: each benchmark run's ParaDLC average and per-attribute
+    accuracy, and the Base model's question accuracy."""
+    scores = {}
+    for variant in VARIANTS:
+        for decoding, r in report.get(variant, {}).items():
+            scores[f"{variant} {decoding} avg"] = r["avg"] / 100
+            scores.update({f"{variant} {decoding} {a}": v for a, v in r["attribute_accuracy"].items()})
+    if "base_qa" in report:
+        scores["base qa"] = report["base_qa"]["accuracy"]
+    return scores
+
+
+def compare_reports(this: dict[str, Any], other: dict[str, Any],
+                    tolerance: float = REPRODUCTION_TOLERANCE) -> dict[str, Any]:
+    """How another from-scratch build's scores differ from this build's: every common headline score (delta =
+    other - this), the largest difference, whether all are within `tolerance`, and the other build's time."""
+    ours, theirs = headline_scores(this), headline_scores(other)
+    rows = [{"score": k, "this": v, "other": theirs[k], "delta": theirs[k] - v} for k, v in ours.items() if k in theirs]
+    worst = max((abs(r["delta"]) for r in rows), default=0.0)
+    return {"tolerance": tolerance, "max_abs_delta": worst, "within_tolerance": bool(rows) and worst <= tolerance,
+            "other_seconds": other.get("total_seconds"), "rows": rows}
+
+
+def reproduction_lines(comparison: dict[str, Any]) -> list[str]:
+    """The model card's reproduction section (the averages; `compare_reports` has every score)."""
+    tolerance = comparison["tolerance"]
+    outside = [f"{r['score']} ({r['delta']:+.3f})" for r in comparison["rows"] if abs(r["delta"]) > tolerance]
+    verdict = (f"within ±{tolerance:.2f} of this model on every score, the attributes included" if not outside else
+               f"within ±{tolerance:.2f} of this model on every score but " + ", ".join(outside))
+    lines = ["## Reproduction", "",
+             f"Another from-scratch build (`bash scripts/build_tiny_model.sh`, {comparison['other_seconds']:.0f} s) "
+             f"scored {verdict} (largest difference {comparison['max_abs_delta']:.3f}):", "",
+             "| score | this model | other build | difference |", "|---|---|---|---|"]
+    lines += [f"| {r['score']} | {r['this']:.3f} | {r['other']:.3f} | {r['delta']:+.3f} |"
+              for r in comparison["rows"] if r["score"].endswith(("avg", "qa"))]
+    return lines
 
 
 def export_model(source: Path, target: Path) -> None:
@@ -204,8 +256,12 @@ def export_model(source: Path, target: Path) -> None:
 def main() -> None:
     """`python -m perceptiondlm.tiny_world`: the whole build, exported to perceptiondlm/assets/."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    report = build(export=Path(__file__).parent / "assets")
+    assets = Path(__file__).parent / "assets"
+    shipped = assets / "tiny-perceptiondlm" / "build_report.json"  # the model this build replaces
+    report = build(export=assets, previous=json.loads(shipped.read_text()) if shipped.exists() else None)
     print(json.dumps(report, indent=2))
+    if "reproduction" in report:
+        print("\n".join(reproduction_lines(report["reproduction"])))
 
 
 if __name__ == "__main__":

@@ -146,15 +146,40 @@ def test_model_card_states_the_recipe_times_scores_and_the_choice():
               "region_open": {"threshold": {**bench, "avg": 91.0}}, "base_qa": {
                   "accuracy": 0.93, "questions": 300, "attribute_accuracy": {"colour": 0.95}}}
     report["shipped"], report["shipped_because"] = tw.choose_variant(report)
+    report["reproduction"] = tw.compare_reports(report, report)
+    report["notes"] = ["Another job shared the cores."]
     card = tw.model_card(report)
     assert card.startswith("# tiny-perceptiondlm") and "| s1 | 30 |" in card
     assert "| region | threshold | 91.5 | 90.0 | 93.0 | 0.90 | 0.90 | 0.90 | 0.90 | 0.90 | 5.50 | 40.0 |" in card
     assert "| region_open | threshold | 91.0 |" in card and "colour 0.99, shape 0.95" in card
     assert "Shipped: `region`" in card and "accuracy 0.93 over 300 questions colour 0.95" in card
+    assert "## Reproduction" in card and "largest difference 0.000" in card
+    assert "\nAnother job shared the cores.\n" in card
 
 
 def test_the_released_layout_is_shipped_only_when_clearly_better():
-    scores = {"region": {"threshold": {"avg": 90.0}}, "region_open": {"threshold": {"avg": 90.9}}}
+    scores = {"region": {"threshold": {"avg": 90.0}}, "region_open": {"threshold": {"avg": 91.9}}}
     assert tw.choose_variant(scores)[0] == "region"
-    scores["region_open"]["threshold"]["avg"] = 91.5
+    scores["region_open"]["threshold"]["avg"] = 92.1
     assert tw.choose_variant(scores)[0] == "region_open"
+
+
+def test_a_rebuild_is_compared_with_the_shipped_scores_and_the_card_shows_it():
+    def report(avg, colour, qa):
+        run = {"avg": avg, "attribute_accuracy": {"colour": colour, "shape": 0.9}}
+        return {"region": {"threshold": run}, "region_open": {"reference": run}, "base_qa": {"accuracy": qa},
+                "total_seconds": 2700.0}
+
+    close = tw.compare_reports(report(92.0, 0.98, 0.50), report(93.5, 0.97, 0.51))
+    assert close["within_tolerance"] and abs(close["max_abs_delta"] - 0.015) < 1e-9
+    assert {r["score"] for r in close["rows"]} == {
+        "region threshold avg", "region threshold colour", "region threshold shape", "region_open reference avg",
+        "region_open reference colour", "region_open reference shape", "base qa"}
+    far = tw.compare_reports(report(92.0, 0.98, 0.50), report(92.0, 0.90, 0.50))  # one attribute drifted
+    assert not far["within_tolerance"] and abs(far["max_abs_delta"] - 0.08) < 1e-9
+    lines = "\n".join(tw.reproduction_lines(close))
+    assert "2700 s" in lines and "within ±0.02" in lines
+    assert "| region threshold avg | 0.920 | 0.935 | +0.015 |" in lines  # this model, the other build
+    assert "colour" not in lines.split("| score |")[1]  # the card lists the averages; the json has every score
+    assert "on every score but region threshold colour (-0.080), region_open reference colour (-0.080)" in "\n".join(
+        tw.reproduction_lines(far))
