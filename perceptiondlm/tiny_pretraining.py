@@ -20,6 +20,7 @@ from perceptiondlm.data.synthetic import (
     ATTRIBUTES,
     VALUES,
     ShapeObject,
+    attribute_words,
     make_scene,
     object_caption,
     scene_conversations,
@@ -199,12 +200,6 @@ def probe_vision_tower(siglip_dir: Path, train_images: int = 1000, test_images: 
 
 
 # ------------------------------------------------------------------------------------------------ language
-def attribute_words(obj: ShapeObject) -> list[str]:
-    """The words a grounded token of `obj` stands for: its attribute values and 'covered' if partly covered."""
-    return [obj.size, obj.colour, obj.texture, obj.shape, *obj.position.split(),
-            *(["covered"] if obj.partly_covered else [])]
-
-
 class LayoutTexts:
     """Text-only samples in a vision-language layout: the processor's tokens and attention, with the positions
     that hold image features in the real model filled with sums of word embeddings instead (what a grounded image

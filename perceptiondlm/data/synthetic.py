@@ -205,6 +205,13 @@ def object_caption(obj: ShapeObject) -> str:
     return text + ", partly covered" if obj.partly_covered else text
 
 
+def attribute_words(obj: ShapeObject) -> list[str]:
+    """The bag of words of `obj`: its attribute values and 'covered' if partly covered (what a grounded token of
+    it stands for in the language pretraining stand-in)."""
+    return [obj.size, obj.colour, obj.texture, obj.shape, *obj.position.split(),
+            *(["covered"] if obj.partly_covered else [])]
+
+
 def _reading_order(objects: list[ShapeObject]) -> list[ShapeObject]:
     def key(o: ShapeObject) -> tuple[int, float, float]:
         return POSITION_NAMES.index(o.position) // 3, o.centre[0], o.centre[1]
@@ -345,8 +352,7 @@ def language_pretraining_texts(n_scenes: int, seed: int) -> list[str]:
         objects = [scene.objects[j] for j in rng.permutation(len(scene.objects))[:6]]
         bags = []
         for obj in objects:
-            words = [obj.size, obj.colour, obj.texture, obj.shape, *obj.position.split()]
-            words += ["covered"] if obj.partly_covered else []
+            words = attribute_words(obj)
             bags.append(" ".join(words[k] for k in rng.permutation(len(words))))
         documents.append(render_chat([
             {"role": "user", "content": "\n".join(bags) + "\n" + DEFAULT_REGION_QUESTION},
