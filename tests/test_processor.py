@@ -189,13 +189,23 @@ def test_base_model_refuses_regions_and_chats(tmp_path):
     counts = (out["input_ids"] == base.special_tokens.image_context).sum(1).tolist()
     assert counts == [28, 8, 0]  # a sample with two images gets one 1×1 tile per image
     first = base.tokenizer.decode(out["input_ids"][0][out["attention_mask"][0].bool()])
-    assert first.endswith("</img>\nWhat is red?<|eot_id|>\n<|start_header_id|>assistant<|end_header_id|>\n")
+    # as the training loader renders "<image>\nWhat is red?": text pieces stripped, no "\n" after </img>
+    assert first.endswith("</img>What is red?<|eot_id|>\n<|start_header_id|>assistant<|end_header_id|>\n")
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nColour?"}]},
                     {"role": "assistant", "content": "Red."},
                     {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "Blue."}]
     train = base.chat_examples([IMAGE], [conversation])
     labels = train["labels"][0]
     assert base.tokenizer.decode(labels[labels != IGNORE_INDEX]) == "Red.<|eot_id|>Blue.<|eot_id|>"
+    # LLaDA's EOS padding: each answer (its closing <|eot_id|> included) fills answer_length tokens, all trained
+    padded = base.chat_examples([IMAGE], [conversation], answer_length=8)
+    answer_ids = padded["labels"][0][padded["labels"][0] != IGNORE_INDEX]
+    red, blue = (len(base.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in ("Red.", "Blue."))
+    assert len(answer_ids) == 16 and max(red, blue) < 7
+    assert base.tokenizer.decode(answer_ids) == "Red." + "<|eot_id|>" * (8 - red) + "Blue." + "<|eot_id|>" * (8 - blue)
+    assert padded["attention_mask"][0].sum() == train["attention_mask"][0].sum() + 14 - red - blue
+    long = base.chat_examples([IMAGE], [conversation], answer_length=1)  # longer answers stay as they are
+    assert torch.equal(long["labels"], train["labels"])
     with pytest.raises(PerceptionDLMError, match="2 image slots but 1 images"):
         base.chat_inputs([IMAGE], ["<image><image>"])
 

@@ -109,6 +109,22 @@ def test_region_records_and_rle(splits):
     assert config == {"tiny_regions": {"data_file": "regions.json", "data_type": "json", "num_samples": -1}}
 
 
+def test_single_region_records(tmp_path):
+    root = tmp_path / "regions"
+    sw.write_region_split(root, 3, seed=1, single_regions=5)
+    records = json.loads((root / "regions.json").read_text())
+    singles = json.loads((root / "regions_single.json").read_text())
+    assert len(singles) == 5 and [s["image"] for s in singles] == [records[i % 3]["image"] for i in range(5)]
+    for single in singles:  # one object of its image, mask and caption together
+        full = next(r for r in records if r["image"] == single["image"])
+        assert len(single["captions"]) == 1
+        j = full["captions"].index(single["captions"][0])
+        assert single["mask_rles"] == [full["mask_rles"][j]]
+    config = yaml.safe_load((root / "regions_datasets.yaml").read_text())
+    assert config["tiny_single_regions"] == {"data_file": "regions_single.json", "data_type": "json",
+                                             "num_samples": -1}
+
+
 def test_conversations_parquet(splits):
     pq = pytest.importorskip("pyarrow.parquet")
     root = splits["conversations"]

@@ -140,7 +140,7 @@ def test_image_layout_texts_fill_each_patch_with_the_coverage_weighted_words_of_
 def test_model_card_states_the_recipe_times_scores_and_the_choice():
     bench = {"avg": 91.5, "avg_pos": 90.0, "avg_neg": 93.0, "tpf": 5.5, "regions_per_second": 40.0,
              "attribute_accuracy": {a: 0.9 for a in ATTRIBUTES}}
-    report = {"train_seconds": {"vision_pretraining": 60.0, "s1": 30.0}, "total_seconds": 900.0,
+    report = {"train_seconds": {"vision_pretraining": 60.0, "s1": 30.0}, "total_seconds": 900.0, "recipe": "abc",
               "vision_probe": {"colour": 0.99, "shape": 0.95},
               "region": {"reference": bench, "threshold": bench},
               "region_open": {"threshold": {**bench, "avg": 91.0}}, "base_qa": {
@@ -155,6 +155,11 @@ def test_model_card_states_the_recipe_times_scores_and_the_choice():
     assert "Shipped: `region`" in card and "accuracy 0.93 over 300 questions colour 0.95" in card
     assert "## Reproduction" in card and "largest difference 0.000" in card
     assert "\nAnother job shared the cores.\n" in card
+    # a model made with another recipe is compared, but never called a reproduction
+    report["reproduction"] = tw.compare_reports(report, {**report, "recipe": "xyz"})
+    card = tw.model_card(report)
+    assert not report["reproduction"]["same_recipe"] and "Not reproduced yet" in card
+    assert "largest difference" not in card
 
 
 def test_the_released_layout_is_shipped_only_when_clearly_better():
@@ -168,7 +173,7 @@ def test_a_rebuild_is_compared_with_the_shipped_scores_and_the_card_shows_it():
     def report(avg, colour, qa):
         run = {"avg": avg, "attribute_accuracy": {"colour": colour, "shape": 0.9}}
         return {"region": {"threshold": run}, "region_open": {"reference": run}, "base_qa": {"accuracy": qa},
-                "total_seconds": 2700.0}
+                "total_seconds": 2700.0, "recipe": "abc"}
 
     close = tw.compare_reports(report(92.0, 0.98, 0.50), report(93.5, 0.97, 0.51))
     assert close["within_tolerance"] and abs(close["max_abs_delta"] - 0.015) < 1e-9

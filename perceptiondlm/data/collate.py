@@ -15,12 +15,15 @@ from perceptiondlm.processing.prompts import DEFAULT_REGION_QUESTION
 class Collator:
     """Region examples go through `processor.caption_examples`, chat examples through `chat_examples`;
     `question` is the region instruction (None = "Describe each masked region in detail."); `caption_length`
-    pads every caption with `<|eot_id|>` to that many tokens (None = no padding, as the reference)."""
+    pads every caption with `<|eot_id|>` to that many tokens and `answer_length` every chat answer, its closing
+    `<|eot_id|>` included (None = no padding, as the reference)."""
 
-    def __init__(self, processor: Any, question: str | None = None, caption_length: int | None = None) -> None:
+    def __init__(self, processor: Any, question: str | None = None, caption_length: int | None = None,
+                 answer_length: int | None = None) -> None:
         self.processor = processor
         self.question = question or DEFAULT_REGION_QUESTION
         self.caption_length = caption_length
+        self.answer_length = answer_length
 
     def __call__(self, examples: list[dict[str, Any]]) -> BatchFeature:
         if not examples:
@@ -39,7 +42,8 @@ class Collator:
                 caption_length=self.caption_length)
         elif kind == "chat":
             batch = self.processor.chat_examples([ex["images"] for ex in examples],
-                                                 [ex["conversation"] for ex in examples])
+                                                 [ex["conversation"] for ex in examples],
+                                                 answer_length=self.answer_length)
         else:
             raise PerceptionDLMError(f"unknown example kind {kind!r}; expected 'region' or 'chat'")
         batch.pop("region_order", None)  # caller-order bookkeeping, not a model input

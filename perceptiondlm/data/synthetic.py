@@ -374,8 +374,9 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_data_config(path: Path, name: str, data_file: str, data_type: str, num_samples: int) -> None:
-    config = {name: {"data_file": data_file, "data_type": data_type, "num_samples": num_samples}}
+def _write_data_config(path: Path, name: str, data_file: str, data_type: str, num_samples: int,
+                       more: dict[str, dict[str, Any]] | None = None) -> None:
+    config = {name: {"data_file": data_file, "data_type": data_type, "num_samples": num_samples}, **(more or {})}
     write_bytes_atomic(path, yaml.safe_dump(config, sort_keys=False).encode())
 
 
@@ -384,10 +385,13 @@ def _check_count(n_images: int) -> None:
         raise PerceptionDLMError(f"n_images must be at least 1, got {n_images}.")
 
 
-def write_region_split(root: str | Path, n_images: int, seed: int) -> Path:
+def write_region_split(root: str | Path, n_images: int, seed: int, single_regions: int = 0) -> Path:
     """Region records (spec §3.3): `root/images/NNNNNN.png` and `root/regions.json`, a list of
     `{"image", "mask_rles", "captions"}` with image paths relative to `root`; plus `root/regions_datasets.yaml`
-    (`data_file` relative to the YAML's folder, `num_samples: -1` = every record). Returns the json path."""
+    (`data_file` relative to the YAML's folder, `num_samples: -1` = every record). With `single_regions`, also
+    `root/regions_single.json`, a second source of that many one-region records (one seeded object of each of the
+    first images, sharing their files), as single-region datasets are: they raise the share of one-region training
+    samples, which one-region-at-a-time decoding sees. Returns the json path of the full records."""
     _check_count(n_images)
     root = Path(root)
     records = []
@@ -398,7 +402,18 @@ def write_region_split(root: str | Path, n_images: int, seed: int) -> Path:
         records.append({"image": relative, "mask_rles": [mask_to_rle(m) for m in scene.masks],
                         "captions": [object_caption(o) for o in scene.objects]})
     write_json_atomic(root / "regions.json", records)
-    _write_data_config(root / "regions_datasets.yaml", "tiny_regions", "regions.json", "json", -1)
+    more = {}
+    if single_regions:
+        rng = np.random.default_rng([seed, 5])
+        singles = []
+        for i in range(single_regions):
+            record = records[i % n_images]
+            j = int(rng.integers(len(record["captions"])))
+            singles.append({"image": record["image"], "mask_rles": [record["mask_rles"][j]],
+                            "captions": [record["captions"][j]]})
+        write_json_atomic(root / "regions_single.json", singles)
+        more = {"tiny_single_regions": {"data_file": "regions_single.json", "data_type": "json", "num_samples": -1}}
+    _write_data_config(root / "regions_datasets.yaml", "tiny_regions", "regions.json", "json", -1, more)
     return root / "regions.json"
 
 

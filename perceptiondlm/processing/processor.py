@@ -311,9 +311,29 @@ class PerceptionDLMProcessor:
         long; pixel_values (T_total, 3, S, S); num_tiles (B,) tiles per sample, all its images together."""
         return self._chat_batch(images, prompts, training=False)
 
-    def chat_examples(self, images: Sequence[Any], conversations: Sequence[list[dict[str, Any]]]) -> BatchFeature:
-        """Training batch for image-level chat: as `chat_inputs` plus labels (B, L) on every assistant turn."""
+    def chat_examples(self, images: Sequence[Any], conversations: Sequence[list[dict[str, Any]]],
+                      answer_length: int | None = None) -> BatchFeature:
+        """Training batch for image-level chat: as `chat_inputs` plus labels (B, L) on every assistant turn.
+        With `answer_length`, every shorter assistant turn (its text and closing `<|eot_id|>`) is padded with
+        `<|eot_id|>` to that many tokens, all in the loss: LLaDA's SFT EOS padding, which teaches the model to
+        end a short answer inside a longer generation window (None = no padding, as the reference)."""
+        if answer_length is not None:
+            conversations = [self._pad_answers(c, answer_length) for c in conversations]
         return self._chat_batch(images, conversations, training=True)
+
+    def _pad_answers(self, conversation: list[dict[str, Any]], answer_length: int) -> list[dict[str, Any]]:
+        padded = []
+        for message in conversation:
+            content = message.get("content") if isinstance(message, dict) else None
+            if message.get("role") == "assistant" and isinstance(content, str):
+                message = {**message, "content": self.pad_caption(content, answer_length - 1)}
+            elif message.get("role") == "assistant" and isinstance(content, list) and content:
+                *head, last = content
+                if isinstance(last, dict) and last.get("type") == "text":
+                    last = {**last, "text": self.pad_caption(last["text"], answer_length - 1)}
+                message = {**message, "content": [*head, last]}
+            padded.append(message)
+        return padded
 
     def _chat_batch(self, images: Sequence[Any], prompts: Sequence[Any], training: bool) -> BatchFeature:
         if isinstance(prompts, str) or len(images) != len(prompts):
@@ -388,7 +408,8 @@ class PerceptionDLMProcessor:
 
 
 def _split_placeholders(content: Any) -> Any:
-    """`<image>` inside text (a string or text items) → separate {"type": "image"} items, in place."""
+    """`<image>` inside text (a string or text items) → separate {"type": "image"} items, in place, the text
+    pieces stripped as the training loader strips them (so "<image>\nQ" is "<img>...</img>Q", as trained)."""
     items = [{"type": "text", "text": content}] if isinstance(content, str) else content
     if not isinstance(items, list):
         return content
@@ -401,6 +422,6 @@ def _split_placeholders(content: Any) -> Any:
         for k, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if k:
                 out.append({"type": "image"})
-            if part:
-                out.append({"type": "text", "text": part})
+            if part.strip():
+                out.append({"type": "text", "text": part.strip()})
     return out

@@ -82,12 +82,17 @@ class DataConfig:
     image_root: str | None = None  # directory that relative image paths of the records start from
     question: str | None = None  # region instruction; None = the trained "Describe each masked region in detail."
     caption_length: int | None = None  # pad region captions with <|eot_id|> to this many tokens (None = no padding)
+    # Pad chat answers (their closing <|eot_id|> included) with <|eot_id|> to this many tokens, in the loss: LLaDA's
+    # SFT EOS padding, so a short answer ends inside a longer generation window (None = no padding, as the reference).
+    answer_length: int | None = None
     seed: int = 0  # source subsampling and region grouping
 
     def __post_init__(self) -> None:
         _require(self.max_length > 0, "max_length", "must be > 0")
         _require(self.max_regions_per_sample is None or self.max_regions_per_sample >= 1,
                  "max_regions_per_sample", "must be >= 1 (or null for prompt_numbers)")
+        _require(self.answer_length is None or self.answer_length >= 1, "answer_length", "must be >= 1 (or null)")
+        _require(self.caption_length is None or self.caption_length >= 1, "caption_length", "must be >= 1 (or null)")
 
 
 @dataclass

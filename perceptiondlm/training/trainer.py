@@ -94,7 +94,7 @@ def run_training(config: Any) -> Path:
     output = Path(args.output_dir)
     if args.process_index == 0:
         save_config(config, output)
-    collator = Collator(processor, config.data.question, config.data.caption_length)
+    collator = Collator(processor, config.data.question, config.data.caption_length, config.data.answer_length)
     trainer = PerceptionDLMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                    processing_class=processor)
     resume = args.resume_from_checkpoint
