@@ -261,8 +261,9 @@ def reproduction_lines(comparison: dict[str, Any]) -> list[str]:
         intro = ("Not reproduced yet: the model this build replaced was made with a different recipe (configs or "
                  "data), so its scores below show what the change did, not run-to-run noise. Rebuild once more "
                  "(`bash scripts/build_tiny_model.sh`) to measure the reproduction.")
+    other = "other build" if comparison.get("same_recipe", True) else "replaced model"
     lines = ["## Reproduction", "", intro, "",
-             "| score | this model | other build | difference |", "|---|---|---|---|"]
+             f"| score | this model | {other} | difference |", "|---|---|---|---|"]
     lines += [f"| {r['score']} | {r['this']:.3f} | {r['other']:.3f} | {r['delta']:+.3f} |"
               for r in comparison["rows"] if r["score"].endswith(("avg", "qa"))]
     return lines

@@ -159,7 +159,7 @@ def test_model_card_states_the_recipe_times_scores_and_the_choice():
     report["reproduction"] = tw.compare_reports(report, {**report, "recipe": "xyz"})
     card = tw.model_card(report)
     assert not report["reproduction"]["same_recipe"] and "Not reproduced yet" in card
-    assert "largest difference" not in card
+    assert "largest difference" not in card and "| score | this model | replaced model | difference |" in card
 
 
 def test_the_released_layout_is_shipped_only_when_clearly_better():
