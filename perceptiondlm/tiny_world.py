@@ -253,7 +253,8 @@ def reproduction_lines(comparison: dict[str, Any]) -> list[str]:
     outside = [f"{r['score']} ({r['delta']:+.3f})" for r in comparison["rows"] if abs(r["delta"]) > tolerance]
     verdict = (f"within ±{tolerance:.2f} of this model on every score, the attributes included" if not outside else
                f"within ±{tolerance:.2f} of this model on every score but " + ", ".join(outside))
-    if comparison.get("same_recipe", True):
+    same_recipe = comparison.get("same_recipe", True)
+    if same_recipe:
         intro = (f"Another from-scratch build of the same recipe (`bash scripts/build_tiny_model.sh`, "
                  f"{comparison['other_seconds']:.0f} s) scored {verdict} (largest difference "
                  f"{comparison['max_abs_delta']:.3f}):")
@@ -261,7 +262,7 @@ def reproduction_lines(comparison: dict[str, Any]) -> list[str]:
         intro = ("Not reproduced yet: the model this build replaced was made with a different recipe (configs or "
                  "data), so its scores below show what the change did, not run-to-run noise. Rebuild once more "
                  "(`bash scripts/build_tiny_model.sh`) to measure the reproduction.")
-    other = "other build" if comparison.get("same_recipe", True) else "replaced model"
+    other = "other build" if same_recipe else "replaced model"
     lines = ["## Reproduction", "", intro, "",
              f"| score | this model | {other} | difference |", "|---|---|---|---|"]
     lines += [f"| {r['score']} | {r['this']:.3f} | {r['other']:.3f} | {r['delta']:+.3f} |"

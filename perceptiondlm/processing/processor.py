@@ -322,16 +322,18 @@ class PerceptionDLMProcessor:
         return self._chat_batch(images, conversations, training=True)
 
     def _pad_answers(self, conversation: list[dict[str, Any]], answer_length: int) -> list[dict[str, Any]]:
+        """The conversation with each assistant text padded to `answer_length` - 1 tokens (the template adds
+        its closing `<|eot_id|>`); a content list has its last text item padded."""
+        def pad(text: str) -> str:
+            return self.pad_caption(text, answer_length - 1)
+
         padded = []
         for message in conversation:
             content = message.get("content") if isinstance(message, dict) else None
             if message.get("role") == "assistant" and isinstance(content, str):
-                message = {**message, "content": self.pad_caption(content, answer_length - 1)}
-            elif message.get("role") == "assistant" and isinstance(content, list) and content:
-                *head, last = content
-                if isinstance(last, dict) and last.get("type") == "text":
-                    last = {**last, "text": self.pad_caption(last["text"], answer_length - 1)}
-                message = {**message, "content": [*head, last]}
+                message = {**message, "content": pad(content)}
+            elif message.get("role") == "assistant" and content and content[-1].get("type") == "text":
+                message = {**message, "content": [*content[:-1], {**content[-1], "text": pad(content[-1]["text"])}]}
             padded.append(message)
         return padded
 
