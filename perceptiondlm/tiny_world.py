@@ -207,6 +207,11 @@ def model_card(report: dict[str, Any]) -> str:
                          + f" | {r['tpf']:.2f} | {r.get('regions_per_second', float('nan')):.1f} |")
     if "shipped" in report:
         lines += ["", f"Shipped: `{report['shipped']}`, because {report['shipped_because']}."]
+        by_cover = report[report["shipped"]].get("threshold", {}).get("attribute_accuracy_by_cover")
+        if by_cover:  # occluded objects are where colour and shape go wrong
+            lines += ["", "Its threshold captions by occlusion: " + "; ".join(
+                f"{name.replace('_', ' ')} ({g['regions']} regions) colour {g['colour']:.2f}, shape {g['shape']:.2f}"
+                for name, g in by_cover.items()) + "."]
     if "base_qa" in report:
         qa = report["base_qa"]
         lines += ["", f"Base model (tiny-perceptiondlm-base), held-out attribute questions: accuracy "

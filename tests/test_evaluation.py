@@ -538,3 +538,21 @@ def test_base_qa_asks_held_out_attribute_questions_and_scores_exact_answers(tmp_
     saved = json.loads((tmp_path / "qa.json").read_text())
     assert [r["question"] for r in saved["records"]] == list(truth) and saved["records"][0]["correct"]
     assert sum(v > 0 for v in report["attribute_accuracy"].values()) == 1
+
+
+def test_attribute_accuracy_by_cover_splits_partly_covered_regions_from_the_others():
+    from perceptiondlm.data.synthetic import ShapeObject, object_caption
+    from perceptiondlm.evaluation.synthetic import attribute_accuracy_by_cover
+
+    def obj(colour, covered):
+        return ShapeObject(shape="circle", colour=colour, size="small", texture="plain", position="center",
+                           centre=(0.0, 0.0), radius=1.0, visible_fraction=0.6 if covered else 1.0)
+
+    truth = {"a": obj("red", True), "b": obj("blue", True), "c": obj("green", False)}
+    attributes = {k: o.attributes() for k, o in truth.items()}
+    captions = {"a": object_caption(obj("green", True)), "b": object_caption(truth["b"]),
+                "c": object_caption(truth["c"])}
+    split = attribute_accuracy_by_cover(captions, attributes)
+    assert split["partly_covered"]["regions"] == 2 and split["partly_covered"]["colour"] == 0.5
+    assert split["unoccluded"] == {"regions": 1, "colour": 1.0, "shape": 1.0, "size": 1.0, "texture": 1.0,
+                                   "position": 1.0}

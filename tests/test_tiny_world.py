@@ -140,9 +140,11 @@ def test_image_layout_texts_fill_each_patch_with_the_coverage_weighted_words_of_
 def test_model_card_states_the_recipe_times_scores_and_the_choice():
     bench = {"avg": 91.5, "avg_pos": 90.0, "avg_neg": 93.0, "tpf": 5.5, "regions_per_second": 40.0,
              "attribute_accuracy": {a: 0.9 for a in ATTRIBUTES}}
+    by_cover = {"partly_covered": {"regions": 20, "colour": 0.8, "shape": 0.85},
+                "unoccluded": {"regions": 80, "colour": 0.99, "shape": 0.93}}
     report = {"train_seconds": {"vision_pretraining": 60.0, "s1": 30.0}, "total_seconds": 900.0, "recipe": "abc",
               "vision_probe": {"colour": 0.99, "shape": 0.95},
-              "region": {"reference": bench, "threshold": bench},
+              "region": {"reference": bench, "threshold": {**bench, "attribute_accuracy_by_cover": by_cover}},
               "region_open": {"threshold": {**bench, "avg": 91.0}}, "base_qa": {
                   "accuracy": 0.93, "questions": 300, "attribute_accuracy": {"colour": 0.95}}}
     report["shipped"], report["shipped_because"] = tw.choose_variant(report)
@@ -155,6 +157,8 @@ def test_model_card_states_the_recipe_times_scores_and_the_choice():
     assert "Shipped: `region`" in card and "accuracy 0.93 over 300 questions colour 0.95" in card
     assert "## Reproduction" in card and "largest difference 0.000" in card
     assert "\nAnother job shared the cores.\n" in card
+    assert ("by occlusion: partly covered (20 regions) colour 0.80, shape 0.85; unoccluded (80 regions) colour 0.99, "
+            "shape 0.93." in card)
     # a model made with another recipe is compared, but never called a reproduction
     report["reproduction"] = tw.compare_reports(report, {**report, "recipe": "xyz"})
     card = tw.model_card(report)
