@@ -89,19 +89,48 @@ def write_initial_checkpoints(root: Path, tokenizer_dir: Path, seed: int = 0) ->
     return llada_dir, siglip_dir
 
 
-def train_stages(configs: Path, stages: tuple[str, ...] = STAGES, overrides: dict[str, list[str]] | None = None
-                 ) -> dict[str, float]:
-    """Runs the stages' configs in order; returns the wall time of each, in seconds."""
+def train_stages(configs: Path, stages: tuple[str, ...] = STAGES, overrides: dict[str, list[str]] | None = None,
+                 steps: BuildSteps | None = None) -> dict[str, float]:
+    """Runs the stages' configs in order (through `steps`, which skips the ones a resumed build has already
+    trained); returns the wall time of each, in seconds."""
     from perceptiondlm.training.config import load_config
     from perceptiondlm.training.trainer import run_training
 
-    seconds = {}
+    steps = steps or BuildSteps(None)
     for stage in stages:
+        config = load_config(configs / f"{stage}.yaml", (overrides or {}).get(stage, []))
+        steps.run(stage, json.dumps(config.to_dict(), sort_keys=True, default=str), lambda c=config: run_training(c))
+    return {stage: steps.seconds[stage] for stage in stages}
+
+
+class BuildSteps:
+    """Runs a build's steps in order and records each finished one (its key, what it was made from, and its time)
+    in `record` (a JSON file). A resumed build reuses recorded steps up to the first one whose key changed or that
+    never finished; that step and every later one are made anew. Keys cover configs and data knobs, not code: after
+    a change of code, build from scratch."""
+
+    def __init__(self, record: Path | None, resume: bool = False):
+        self.record = record
+        self.done = json.loads(record.read_text()) if resume and record is not None and record.exists() else {}
+        self.reusing = bool(self.done)
+        self.seconds: dict[str, float] = {}
+        self.reused_seconds = 0.0  # the recorded time of the steps this run reused
+
+    def run(self, name: str, key: str, step: Any) -> None:
+        finished = self.done.get(name)
+        if self.reusing and finished is not None and finished["key"] == key:
+            self.seconds[name] = finished["seconds"]
+            self.reused_seconds += finished["seconds"]
+            logger.info("step %s: reusing the resumed build's (%.0f s)", name, finished["seconds"])
+            return
+        self.reusing = False
         start = time.perf_counter()
-        run_training(load_config(configs / f"{stage}.yaml", (overrides or {}).get(stage, [])))
-        seconds[stage] = time.perf_counter() - start
-        logger.info("stage %s trained in %.0f s", stage, seconds[stage])
-    return seconds
+        step()
+        self.seconds[name] = time.perf_counter() - start
+        logger.info("step %s done in %.0f s", name, self.seconds[name])
+        self.done[name] = {"key": key, "seconds": self.seconds[name]}
+        if self.record is not None:
+            write_json_atomic(self.record, self.done)
 
 
 # The benchmark runs of each region variant (keyword arguments of `run_synthetic_bench`); the shipped variant is
@@ -128,26 +157,29 @@ def choose_variant(report: dict[str, Any]) -> tuple[str, str]:
 
 
 def build(work: Path = Path("work_dirs/tiny"), configs: Path = Path("configs/tiny"),
-          export: Path | None = None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+          export: Path | None = None, previous: dict[str, Any] | None = None, resume: bool = False) -> dict[str, Any]:
     """Everything: data -> initial checkpoints (+ vision and language pretraining stand-ins) -> s1..s4 -> both
     region variants -> evaluation on the held-out benchmark -> export of the chosen region model and of the Base
     model. The report (and, with `export`, the model card) holds every time and score, and, given the `previous`
-    build's report, how far its scores are from this build's (`compare_reports`)."""
+    build's report, how far its scores are from this build's (`compare_reports`). With `resume`, the steps an
+    interrupted (or earlier) build in `work` finished with the same configs are reused (`BuildSteps`)."""
     from perceptiondlm.evaluation.synthetic import run_base_qa, run_synthetic_bench
 
     start = time.perf_counter()
     recipe = recipe_fingerprint(configs)
-    paths = write_data(work / "data")
-    llada_dir, siglip_dir = write_initial_checkpoints(work / "init", paths["tokenizer"])
-    seconds = {}
-    for name, pretrain in (("vision_pretraining", lambda: pretrain_vision_tower(siglip_dir)),
-                           ("language_pretraining", lambda: pretrain_language_model(
-                               llada_dir, language_pretraining_texts(*SPLITS["language"])))):
-        started = time.perf_counter()
-        pretrain()
-        seconds[name] = time.perf_counter() - started
+    steps = BuildSteps(work / "build_steps.json", resume=resume)
+    data_key = json.dumps([SPLITS, SINGLE_REGION_RECORDS, CONVERSATION_QA_TURNS])
+    steps.run("data", data_key, lambda: write_data(work / "data"))
+    paths = {"benchmark": work / "data" / "benchmark", "tokenizer": work / "data" / "tokenizer"}
+    llada_dir, siglip_dir = work / "init" / "llada", work / "init" / "siglip"
+    steps.run("initial_checkpoints", json.dumps([TINY_LLADA, TINY_SIGLIP_VISION, TINY_SIGLIP_TEXT]),
+              lambda: write_initial_checkpoints(work / "init", paths["tokenizer"]))
+    steps.run("vision_pretraining", "default", lambda: pretrain_vision_tower(siglip_dir))
+    steps.run("language_pretraining", json.dumps(SPLITS["language"]), lambda: pretrain_language_model(
+        llada_dir, language_pretraining_texts(*SPLITS["language"])))
+    seconds = {name: steps.seconds[name] for name in ("vision_pretraining", "language_pretraining")}
     report: dict[str, Any] = {"recipe": recipe, "vision_probe": probe_vision_tower(siglip_dir)}
-    seconds.update(train_stages(configs, (*STAGES, "region_open")))
+    seconds.update(train_stages(configs, (*STAGES, "region_open"), steps=steps))
     report["train_seconds"] = seconds
     report["base_qa"] = run_base_qa(work / "s4", seed=SPLITS["benchmark"][1],
                                     output_path=work / "eval" / "base_qa.json")
@@ -158,7 +190,7 @@ def build(work: Path = Path("work_dirs/tiny"), configs: Path = Path("configs/tin
     report["shipped"], report["shipped_because"] = shipped, reason
     report[shipped]["sequential"] = run_synthetic_bench(work / shipped, paths["benchmark"],
                                                         work / "eval" / shipped / "sequential", **SEQUENTIAL)
-    report["total_seconds"] = time.perf_counter() - start
+    report["total_seconds"] = time.perf_counter() - start + steps.reused_seconds  # from scratch, resumed or not
     if previous is not None:
         report["reproduction"] = compare_reports(report, previous)
     write_json_atomic(work / "build_report.json", report)
@@ -285,12 +317,19 @@ def export_model(source: Path, target: Path) -> None:
             shutil.copy(path, target / path.name)
 
 
-def main() -> None:
-    """`python -m perceptiondlm.tiny_world`: the whole build, exported to perceptiondlm/assets/."""
+def main(argv: list[str] | None = None) -> None:
+    """`python -m perceptiondlm.tiny_world [--resume]`: the whole build, exported to perceptiondlm/assets/."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m perceptiondlm.tiny_world", description=main.__doc__)
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the steps an earlier build in work_dirs/tiny finished with the same configs")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     assets = Path(__file__).parent / "assets"
     shipped = assets / "tiny-perceptiondlm" / "build_report.json"  # the model this build replaces
-    report = build(export=assets, previous=json.loads(shipped.read_text()) if shipped.exists() else None)
+    report = build(export=assets, previous=json.loads(shipped.read_text()) if shipped.exists() else None,
+                   resume=args.resume)
     print(json.dumps(report, indent=2))
     if "reproduction" in report:
         print("\n".join(reproduction_lines(report["reproduction"])))

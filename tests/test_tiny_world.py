@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from conftest import FIXTURES
 from safetensors.torch import load_file
@@ -192,3 +193,44 @@ def test_a_rebuild_is_compared_with_the_shipped_scores_and_the_card_shows_it():
     assert "colour" not in lines.split("| score |")[1]  # the card lists the averages; the json has every score
     assert "on every score but region threshold colour (-0.080), region_open reference colour (-0.080)" in "\n".join(
         tw.reproduction_lines(far))
+
+
+def test_a_resumed_build_reuses_finished_steps_up_to_the_first_changed_one(tmp_path):
+    record, ran = tmp_path / "build_steps.json", []
+    first = tw.BuildSteps(record)
+    for name in ("data", "s1", "s2"):
+        first.run(name, "v1", lambda n=name: ran.append(n))
+    assert ran == ["data", "s1", "s2"] and set(json.loads(record.read_text())) == {"data", "s1", "s2"}
+
+    ran.clear()
+    resumed = tw.BuildSteps(record, resume=True)
+    resumed.run("data", "v1", lambda: ran.append("data"))
+    resumed.run("s1", "v2", lambda: ran.append("s1"))  # s1's config changed: it and every later step run again
+    resumed.run("s2", "v1", lambda: ran.append("s2"))
+    assert ran == ["s1", "s2"]
+    assert resumed.seconds["data"] == first.seconds["data"]  # a reused step keeps its recorded time
+    assert resumed.reused_seconds == first.seconds["data"]  # and counts in the build's from-scratch time
+    assert json.loads(record.read_text())["s1"]["key"] == "v2"
+
+    ran.clear()
+    fresh = tw.BuildSteps(record)  # not resuming: everything runs
+    fresh.run("data", "v1", lambda: ran.append("data"))
+    assert ran == ["data"]
+
+
+def test_an_interrupted_step_is_not_recorded_and_runs_again_on_resume(tmp_path):
+    record = tmp_path / "build_steps.json"
+    steps = tw.BuildSteps(record)
+    steps.run("data", "v1", lambda: None)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        steps.run("s1", "v1", interrupted)
+    assert set(json.loads(record.read_text())) == {"data"}
+    ran = []
+    resumed = tw.BuildSteps(record, resume=True)
+    resumed.run("data", "v1", lambda: ran.append("data"))
+    resumed.run("s1", "v1", lambda: ran.append("s1"))
+    assert ran == ["s1"]
