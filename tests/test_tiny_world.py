@@ -234,3 +234,19 @@ def test_an_interrupted_step_is_not_recorded_and_runs_again_on_resume(tmp_path):
     resumed.run("data", "v1", lambda: ran.append("data"))
     resumed.run("s1", "v1", lambda: ran.append("s1"))
     assert ran == ["s1"]
+
+
+def test_a_resumed_build_retrains_only_the_stages_from_a_changed_config_on(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from perceptiondlm.training import trainer
+
+    trained = []
+    monkeypatch.setattr(trainer, "run_training", lambda config: trained.append(config.training_kwargs["output_dir"]))
+    record, configs = tmp_path / "build_steps.json", Path("configs/tiny")
+    tw.train_stages(configs, tw.STAGES, steps=tw.BuildSteps(record))
+    assert len(trained) == len(tw.STAGES)
+    trained.clear()
+    tw.train_stages(configs, tw.STAGES, overrides={"region": ["--TRAINING_CONFIG.max_steps", "10"]},
+                    steps=tw.BuildSteps(record, resume=True))
+    assert trained == ["work_dirs/tiny/region"]  # the Base stages' configs did not change
